@@ -1,0 +1,33 @@
+"""quantsink: compress LLMs without falling into the attention-sink trap.
+
+Public API (imported lazily, so ``import quantsink`` is cheap and needs no triton)::
+
+    model, tok = quantsink.load_model("smollm2-135m")
+    recipe = quantsink.load_recipe("int4-sink")
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "quantsink.models",
+    "QuantsinkError": "quantsink.errors",
+    "Recipe": "quantsink.config",
+    "load_recipe": "quantsink.config",
+    "available_recipes": "quantsink.config",
+    "calibration_windows": "quantsink.data",
+    "KVConfig": "quantsink.kv.config",
+    "WeightConfig": "quantsink.weights.config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'quantsink' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

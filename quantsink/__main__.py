@@ -1,0 +1,3 @@
+from quantsink.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,15 @@
+"""`quantsink inspect` (placeholder until implemented)."""
+from __future__ import annotations
+
+import argparse
+
+from quantsink.errors import QuantsinkError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("inspect", help="not implemented yet")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise QuantsinkError("'inspect' is not implemented yet")

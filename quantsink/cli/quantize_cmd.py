@@ -1,0 +1,15 @@
+"""`quantsink quantize` (placeholder until implemented)."""
+from __future__ import annotations
+
+import argparse
+
+from quantsink.errors import QuantsinkError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("quantize", help="not implemented yet")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise QuantsinkError("'quantize' is not implemented yet")

@@ -1,0 +1,1 @@
+"""Sink-aware KV-cache quantization: packed primitives, reference attention, the cache."""

@@ -1,0 +1,44 @@
+"""The ``kv_cache`` section of a recipe."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantsink.errors import check
+
+SUPPORTED_KV_BITS = (2, 4, 8)
+
+
+@dataclass
+class KVConfig:
+    """Sink-aware KV cache quantization settings.
+
+    Keys are quantized per channel in groups of ``key_group_size`` tokens, values per
+    token in groups of ``value_group_size`` channels. ``num_sinks`` leading positions
+    (or the calibrated sink map) and the last ``window`` tokens stay in fp16/bf16.
+    """
+
+    key_bits: int = 4
+    value_bits: int = 4
+    key_group_size: int = 64
+    value_group_size: int = 64
+    num_sinks: int = 4
+    window: int = 128
+    content_sinks: bool = False
+    max_cache_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("key_bits", "value_bits"):
+            bits = getattr(self, name)
+            check(bits in SUPPORTED_KV_BITS,
+                  f"kv_cache.{name}={bits} is not supported; allowed: {list(SUPPORTED_KV_BITS)}")
+        for name in ("key_group_size", "value_group_size"):
+            g = getattr(self, name)
+            check(g > 0, f"kv_cache.{name} must be a positive integer, got {g}")
+        check(self.num_sinks >= 0, f"kv_cache.num_sinks must be >= 0, got {self.num_sinks}")
+        check(self.window == 0 or self.window >= self.key_group_size,
+              f"kv_cache.window={self.window} is shorter than one key group "
+              f"({self.key_group_size}); allowed: 0 or >= key_group_size")
+        if self.max_cache_tokens is not None:
+            check(self.max_cache_tokens > self.num_sinks + self.window,
+                  f"kv_cache.max_cache_tokens={self.max_cache_tokens} must exceed "
+                  f"num_sinks + window = {self.num_sinks + self.window}")

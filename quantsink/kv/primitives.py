@@ -1,0 +1,124 @@
+"""Packed int2/int4/int8 quantization primitives for the KV cache (plain torch; the spec).
+
+Bit layout ("planar"): a row of ``D`` codes of ``bits`` bits is stored in ``D * bits / 8``
+bytes. With ``per = 8 // bits`` codes per byte and ``P = D // per`` bytes per row, byte
+``j`` holds code ``i * P + j`` at bits ``[i * bits, (i + 1) * bits)`` for ``i < per``. So
+the low nibble of every byte holds the first half of the row and the high nibble the
+second half (int4); int2 holds the four quarters. A kernel unpacks a ``[T, P]`` tile
+with shifts and masks into ``per`` contiguous ``[T, P]`` slices of the row, no shuffles.
+
+Quantization is asymmetric with fp16 ``scale`` and ``zero`` (the group minimum):
+``x ~= code * scale + zero`` with ``code`` in ``[0, 2**bits - 1]``.
+
+- Keys: per channel, in groups of ``G`` tokens: ``scale``/``zero`` are ``[B, H, T // G, D]``.
+- Values: per token, in groups of ``G`` channels: ``scale``/``zero`` are ``[B, H, T, D // G]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantsink.errors import check
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[..., D]`` into bytes ``[..., D * bits // 8]`` (planar layout)."""
+    per = 8 // bits
+    check(codes.shape[-1] % per == 0, f"last dim {codes.shape[-1]} must be a multiple of {per}")
+    if per == 1:
+        return codes.to(torch.uint8)
+    parts = codes.to(torch.uint8).unflatten(-1, (per, -1))  # [..., per, P]
+    out = parts[..., 0, :].clone()
+    for i in range(1, per):
+        out |= parts[..., i, :] << (bits * i)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: bytes ``[..., P]`` to uint8 codes ``[..., P * 8 // bits]``."""
+    per = 8 // bits
+    if per == 1:
+        return packed
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * i)) & mask for i in range(per)]
+    return torch.cat(parts, dim=-1)
+
+
+def _minmax_quant(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, ...]:
+    """Asymmetric min/max quantization along ``dim``; returns codes, fp16 scale, fp16 zero."""
+    qmax = (1 << bits) - 1
+    lo = x.amin(dim=dim, keepdim=True).to(torch.float16)
+    hi = x.amax(dim=dim, keepdim=True)
+    scale = ((hi - lo.float()) / qmax).to(torch.float16)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.round((x.float() - lo.float()) / scale.float()).clamp_(0, qmax).to(torch.uint8)
+    return codes, scale, lo
+
+
+@dataclass
+class PackedBlock:
+    """Packed codes with their scales and zeros.
+
+    ``axis="token"``: keys, groups of ``group_size`` tokens per channel.
+    ``axis="channel"``: values, groups of ``group_size`` channels per token.
+    """
+
+    codes: torch.Tensor  # uint8 [B, H, T, D * bits // 8]
+    scale: torch.Tensor  # fp16: keys [B, H, T // G, D]; values [B, H, T, D // G]
+    zero: torch.Tensor  # fp16, same shape as scale
+    bits: int
+    group_size: int
+    axis: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group_size: int) -> PackedBlock:
+    """Quantize keys ``[B, H, T, D]`` per channel in groups of ``group_size`` tokens.
+
+    ``T`` must be a multiple of ``group_size`` (the cache flushes whole groups).
+    """
+    B, H, T, D = k.shape
+    check(T % group_size == 0, f"key tokens {T} must be a multiple of the group size {group_size}")
+    grouped = k.reshape(B, H, T // group_size, group_size, D)  # [B, H, T/G, G, D]
+    codes, scale, zero = _minmax_quant(grouped, dim=3, bits=bits)
+    codes = codes.reshape(B, H, T, D)
+    return PackedBlock(pack(codes, bits), scale.squeeze(3), zero.squeeze(3), bits, group_size, "token")
+
+
+def quantize_values(v: torch.Tensor, bits: int, group_size: int) -> PackedBlock:
+    """Quantize values ``[B, H, T, D]`` per token in groups of ``group_size`` channels."""
+    B, H, T, D = v.shape
+    group_size = min(group_size, D)
+    check(D % group_size == 0, f"head_dim {D} must be a multiple of the value group size {group_size}")
+    grouped = v.reshape(B, H, T, D // group_size, group_size)  # [B, H, T, D/G, G]
+    codes, scale, zero = _minmax_quant(grouped, dim=4, bits=bits)
+    codes = codes.reshape(B, H, T, D)
+    return PackedBlock(pack(codes, bits), scale.squeeze(4), zero.squeeze(4), bits, group_size, "channel")
+
+
+def dequantize(block: PackedBlock, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize a :class:`PackedBlock` to ``[B, H, T, D]`` in ``dtype``."""
+    codes = unpack(block.codes, block.bits).to(dtype)  # [B, H, T, D]
+    B, H, T, D = codes.shape
+    if block.axis == "token":
+        shape = (B, H, T // block.group_size, block.group_size, D)
+        x = codes.reshape(shape) * block.scale.to(dtype).unsqueeze(3) + block.zero.to(dtype).unsqueeze(3)
+    else:
+        shape = (B, H, T, D // block.group_size, block.group_size)
+        x = codes.reshape(shape) * block.scale.to(dtype).unsqueeze(4) + block.zero.to(dtype).unsqueeze(4)
+    return x.reshape(B, H, T, D)
+
+
+def cat_blocks(a: PackedBlock | None, b: PackedBlock) -> PackedBlock:
+    """Append ``b`` after ``a`` along the token axis (no re-quantization)."""
+    if a is None:
+        return b
+    return PackedBlock(torch.cat([a.codes, b.codes], 2), torch.cat([a.scale, b.scale], 2),
+                       torch.cat([a.zero, b.zero], 2), a.bits, a.group_size, a.axis)

