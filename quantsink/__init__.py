@@ -21,6 +21,15 @@ _EXPORTS = {
     "calibration_windows": "quantsink.data",
     "KVConfig": "quantsink.kv.config",
     "WeightConfig": "quantsink.weights.config",
+    "perplexity": "quantsink.eval",
+    # filled in by the calibration, cache and weight modules:
+    "calibrate": "quantsink.calibration",
+    "SinkMap": "quantsink.calibration",
+    "CalibrationResult": "quantsink.calibration",
+    "SinkQuantCache": "quantsink.kv.cache",
+    "quantize": "quantsink.weights.api",
+    "quantize_": "quantsink.weights.api",
+    "load": "quantsink.weights.api",
 }
 
 __all__ = sorted(_EXPORTS)

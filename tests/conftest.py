@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels run under the CPU interpreter unless a GPU is present; this must be set
+# before triton is first imported anywhere in the test session.
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QUANTSINK_DATA", REPO.parent / "shared" / "data")) / "wikitext-2-raw"
 
