@@ -11,10 +11,12 @@ concatenated keys, so query ``i`` sees keys ``[0, S - Lq + i]`` (causal).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
+from quantsink.errors import check
 from quantsink.kv.primitives import PackedBlock, dequantize
 
 BACKENDS = ("auto", "torch", "triton")
@@ -61,11 +63,20 @@ def decode_attention_ref(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Te
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` picks triton on CUDA and torch elsewhere; ``QUANTSINK_BACKEND`` overrides auto."""
+    """Pick ``torch`` or ``triton``.
+
+    ``auto`` follows ``QUANTSINK_BACKEND`` when set, else triton on CUDA (if triton is
+    installed) and torch elsewhere. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``
+    set before triton is imported (the kernel then runs in the Triton interpreter).
+    """
+    check(backend in BACKENDS, f"attention backend {backend!r} is not supported; allowed: {list(BACKENDS)}")
     if backend == "auto":
         backend = os.environ.get("QUANTSINK_BACKEND", "auto")
+        check(backend in BACKENDS,
+              f"QUANTSINK_BACKEND={backend!r} is not supported; allowed: {list(BACKENDS)}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        on_gpu = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        return "triton" if on_gpu else "torch"
     return backend
 
 

@@ -1,0 +1,204 @@
+"""Input checks, launch geometry and the split-K heuristic for the decode-attention kernel."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quantsink.errors import QuantsinkError, check
+from quantsink.kv.attention import decode_attention_ref
+from quantsink.kv.primitives import PackedBlock
+
+HEAD_DIMS = (64, 128, 256)
+KV_BITS = (2, 4, 8)
+MAX_VALUE_GROUPS = 16  # D // Gv; more repeats of each query row than this -> torch reference
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@dataclass
+class Geometry:
+    """Launch sizes derived from the inputs."""
+
+    R: int  # query rows per KV head: g * Lq
+    block_m: int  # query rows per program (each repeated NG times in the dot)
+    ng: int  # value groups per head
+    gv: int  # value group size (channels)
+    gk: int  # key group size (tokens)
+    block_n: int  # key tile
+    tiles: int  # key tiles over the three regions
+
+    @property
+    def m_blocks(self) -> int:
+        return triton.cdiv(self.R, self.block_m)
+
+
+def _contig(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k/v (or scale/zero) share one stride set in the kernel."""
+    a, b = _contig(a), _contig(b)
+    if a.stride() != b.stride():
+        a, b = a.contiguous(), b.contiguous()
+    return a, b
+
+
+def check_inputs(q, sink_k, sink_v, body_k, body_v, win_k, win_v, key_mask, q_sink) -> None:
+    """Raise :class:`QuantsinkError` naming the first input that breaks the contract."""
+    check(q.dim() == 4, f"q must be [B, Hq, Lq, D], got shape {tuple(q.shape)}")
+    B, Hq, Lq, D = q.shape
+    check(q.dtype in _TL_DTYPE, f"q dtype {q.dtype} not supported; allowed: fp16, bf16, fp32")
+    check(D in HEAD_DIMS, f"head_dim {D} not supported by the triton kernel; allowed: {HEAD_DIMS}")
+    Hkv = sink_k.shape[1] if sink_k.dim() == 4 else -1
+    for name, x in (("sink_k", sink_k), ("sink_v", sink_v), ("win_k", win_k), ("win_v", win_v)):
+        check(x.dim() == 4 and x.shape[0] == B and x.shape[1] == Hkv and x.shape[3] == D,
+              f"{name} must be [B={B}, Hkv, tokens, D={D}], got {tuple(x.shape)}")
+        check(x.is_floating_point(), f"{name} must be a float tensor, got {x.dtype}")
+        check(x.device == q.device, f"{name} is on {x.device}, q on {q.device}")
+    check(sink_k.shape == sink_v.shape and win_k.shape == win_v.shape, "k and v regions differ in shape")
+    check(Hkv > 0 and Hq % Hkv == 0, f"query heads {Hq} must be a multiple of KV heads {Hkv}")
+    check((body_k is None) == (body_v is None), "body_k and body_v must both be given or both None")
+    T = 0
+    if body_k is not None:
+        T = _check_body(body_k, body_v, B, Hkv, D, q.device)
+    if key_mask is not None:
+        S = sink_k.shape[2] + T + win_k.shape[2]
+        check(tuple(key_mask.shape) == (B, S), f"key_mask must be [B={B}, S={S}], got {tuple(key_mask.shape)}")
+    if q_sink is not None:
+        check(q_sink.shape == q.shape and q_sink.dtype == q.dtype,
+              f"q_sink must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(q_sink.shape)}, {q_sink.dtype}")
+
+
+def _check_body(bk: PackedBlock, bv: PackedBlock, B: int, Hkv: int, D: int, device) -> int:
+    """Check the packed body and return its token count."""
+    T = bk.num_tokens
+    check(bk.axis == "token" and bv.axis == "channel",
+          f"body_k must be per-channel keys (axis 'token'), body_v per-token values; got {bk.axis}, {bv.axis}")
+    for name, blk in (("body_k", bk), ("body_v", bv)):
+        check(blk.bits in KV_BITS, f"{name}.bits={blk.bits} not supported; allowed: {KV_BITS}")
+        shape = (B, Hkv, T, D * blk.bits // 8)
+        check(blk.codes.dtype == torch.uint8 and tuple(blk.codes.shape) == shape,
+              f"{name}.codes must be uint8 {shape}, got {blk.codes.dtype} {tuple(blk.codes.shape)}")
+        check(blk.codes.device == device, f"{name} is on {blk.codes.device}, q on {device}")
+    check(T % bk.group_size == 0, f"body tokens {T} must be a multiple of the key group size {bk.group_size}")
+    check(D % bv.group_size == 0, f"head_dim {D} must be a multiple of the value group size {bv.group_size}")
+    ks = (B, Hkv, T // bk.group_size, D)
+    vs = (B, Hkv, T, D // bv.group_size)
+    check(tuple(bk.scale.shape) == ks and tuple(bk.zero.shape) == ks, f"body_k scale/zero must be {ks}")
+    check(tuple(bv.scale.shape) == vs and tuple(bv.zero.shape) == vs, f"body_v scale/zero must be {vs}")
+    return T
+
+
+def unsupported(body_k: PackedBlock | None, body_v: PackedBlock | None, D: int) -> str | None:
+    """Why valid inputs fall back to the torch reference, or None when the kernel covers them."""
+    if body_k is None or body_k.num_tokens == 0:
+        return None
+    if body_k.group_size % 16:
+        return f"key group size {body_k.group_size} is not a multiple of 16"
+    if D // body_v.group_size > MAX_VALUE_GROUPS:
+        return f"value group size {body_v.group_size} gives more than {MAX_VALUE_GROUPS} groups per head"
+    return None
+
+
+def geometry(q: torch.Tensor, S0: int, body_k: PackedBlock | None, body_v: PackedBlock | None,
+             W: int, Hkv: int) -> Geometry:
+    """Tile sizes: key tiles inside one key group; query rows x value groups >= 16 for tl.dot."""
+    _, Hq, Lq, D = q.shape
+    R = Hq // Hkv * Lq
+    if body_k is None:
+        gk, gv, T, block_n = 64, D, 0, 64
+    else:
+        gk, gv, T = body_k.group_size, body_v.group_size, body_k.num_tokens
+        block_n = min(64, gk & -gk)  # largest power of two dividing the key group
+    ng = D // gv
+    block_m = max(min(triton.next_power_of_2(R), max(1, 64 // ng)), max(1, 16 // ng))
+    tiles = triton.cdiv(S0, block_n) + T // block_n + triton.cdiv(W, block_n)
+    return Geometry(R, block_m, ng, gv, gk, block_n, tiles)
+
+
+def pick_splits(geo: Geometry, programs: int, device: torch.device) -> int:
+    """Split-K: enough programs to fill the GPU twice over, at least 4 key tiles each."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(programs, 1))
+    return max(1, min(want, triton.cdiv(geo.tiles, 4), 128))
+
+
+def launch(kernel, reduce_kernel, interpret: bool, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
+           scale: float, key_mask=None, q_sink=None, num_splits: int | None = None) -> torch.Tensor:
+    """Check, pick the geometry and run the split-K kernel (+ reduce); see ``sink_decode_attention``."""
+    if q.device.type != "cuda" and not interpret:
+        raise QuantsinkError(f"the triton backend needs CUDA tensors or TRITON_INTERPRET=1 set before "
+                             f"triton is imported; got {q.device} tensors (use backend='torch')")
+    check_inputs(q, sink_k, sink_v, body_k, body_v, win_k, win_v, key_mask, q_sink)
+    if body_k is not None and body_k.num_tokens == 0:
+        body_k = body_v = None
+    D = q.shape[3]
+    if unsupported(body_k, body_v, D) is not None:
+        return decode_attention_ref(q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale, key_mask, q_sink)
+    check(not (interpret and torch.bfloat16 in (q.dtype, sink_k.dtype, win_k.dtype)),
+          "bf16 does not run under TRITON_INTERPRET=1; use fp16/fp32 on CPU or a CUDA device")
+    B, Hkv, S0, W = q.shape[0], sink_k.shape[1], sink_k.shape[2], win_k.shape[2]
+    T = 0 if body_k is None else body_k.num_tokens
+    if S0 + T + W == 0:
+        return torch.zeros_like(q)
+    geo = geometry(q, S0, body_k, body_v, W, Hkv)
+    splits = num_splits or pick_splits(geo, B * Hkv * geo.m_blocks, q.device)
+    splits = triton.cdiv(geo.tiles, triton.cdiv(geo.tiles, max(1, min(splits, geo.tiles))))
+    return _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale,
+                key_mask, q_sink, geo, splits)
+
+
+def _body_args(q: torch.Tensor, body_k: PackedBlock | None, body_v: PackedBlock | None) -> list:
+    """Pointers and strides of the packed body (dummies when there is none)."""
+    if body_k is None:
+        return [q, 0, 0, 0, q, q, 0, 0, 0] * 2
+    kc, vc = _contig(body_k.codes), _contig(body_v.codes)
+    ks, kz = _pair(body_k.scale, body_k.zero)
+    vs, vz = _pair(body_v.scale, body_v.zero)
+    return [kc, *kc.stride()[:3], ks, kz, *ks.stride()[:3], vc, *vc.stride()[:3], vs, vz, *vs.stride()[:3]]
+
+
+def _region(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
+    """k/v pointers and (batch, head, token) strides of one fp16 region."""
+    if k.numel() == 0:
+        return [q, q, 0, 0, 0]
+    k, v = _pair(k, v)
+    return [k, v, *k.stride()[:3]]
+
+
+def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale, key_mask,
+         q_sink, geo: Geometry, splits: int) -> torch.Tensor:
+    B, Hq, Lq, D = q.shape
+    Hkv, S0, W = sink_k.shape[1], sink_k.shape[2], win_k.shape[2]
+    T = 0 if body_k is None else body_k.num_tokens
+    q = q.contiguous()
+    qs = q if q_sink is None else q_sink.contiguous()
+    out = torch.empty_like(q)
+    r_pad = geo.m_blocks * geo.block_m
+    po = torch.empty((B * Hkv, splits, r_pad, D), device=q.device, dtype=torch.float32)
+    pm = torch.empty((B * Hkv, splits, r_pad), device=q.device, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    mask = q if key_mask is None else _contig(key_mask.bool()).view(torch.uint8)
+    body = _body_args(q, body_k, body_v)
+    kbits = 4 if body_k is None else body_k.bits
+    vbits = 4 if body_v is None else body_v.bits
+    cdt = _TL_DTYPE[q.dtype]
+    kernel[(B * Hkv, splits, geo.m_blocks)](
+        q, qs, out, po, pm, pl, mask, 0 if key_mask is None else mask.stride(0),
+        *_region(q, sink_k, sink_v), *_region(q, win_k, win_v), *body,
+        Hkv, geo.R, r_pad, Lq, S0, T, W, geo.gk, splits, scale * 1.4426950408889634,
+        D=D, BLOCK_M=geo.block_m, NG=geo.ng, GV=geo.gv, BLOCK_N=geo.block_n, KBITS=kbits,
+        VBITS=vbits, HAS_BODY=body_k is not None, HAS_MASK=key_mask is not None,
+        IS_CAUSAL=Lq > 1, SINGLE_SPLIT=splits == 1, CDT=cdt, EXP_TRICK=q.dtype == torch.float16,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+    if splits > 1:
+        rb = 16
+        reduce_kernel[(B * Hkv, triton.cdiv(geo.R, rb))](
+            out, po, pm, pl, geo.R, r_pad, splits, D=D, RB=rb,
+            SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+    return out
