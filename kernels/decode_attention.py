@@ -188,7 +188,7 @@ def _sink_decode_attention_kernel(
     l_o = tl.max(tl.reshape(l_i, (BLOCK_M, NG)), 1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if SINGLE_SPLIT:
-        o = tl.where(l_o[:, None] > 0, o / l_o[:, None], 0.0)
+        o = o / tl.where(l_o > 0, l_o, 1.0)[:, None]  # fully masked rows: acc = 0 -> 0
         tl.store(out_ptr + (bh * R + rows)[:, None] * D + chv[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None])
     else:
@@ -217,7 +217,7 @@ def _reduce_kernel(out_ptr, po_ptr, pm_ptr, pl_ptr, R, R_PAD, SPLITS,
         w = tl.exp2(tl.load(pm_ptr + prow, mask=rows < R_PAD, other=0.0) - m_max)
         o = tl.load(po_ptr + prow[:, None] * D + cols[None, :], mask=(rows < R_PAD)[:, None], other=0.0)
         acc += w[:, None] * o
-    acc = tl.where(l_sum[:, None] > 0, acc / l_sum[:, None], 0.0)
+    acc = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(out_ptr + (bh * R + rows)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows < R)[:, None])
 

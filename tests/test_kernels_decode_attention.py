@@ -1,0 +1,171 @@
+"""The Triton decode-attention kernel against ``decode_attention_ref`` (interpreter on CPU)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from quantsink.errors import QuantsinkError
+from quantsink.kv import attention
+from quantsink.kv.attention import decode_attention, decode_attention_ref
+from quantsink.kv.primitives import quantize_keys, quantize_values
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float16: 2e-3, torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def make_case(B=2, Hkv=2, g=4, Lq=1, D=64, S0=3, T=128, W=37, kbits=4, vbits=4, gk=64, gv=64,
+              dtype=torch.float16, key_mask=False, q_sink=False, seed=0):
+    """Random inputs in which the sinks take about half of the attention mass."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    scale = D ** -0.5
+    q = randn(B, Hkv * g, Lq, D)
+    sink_k, sink_v = randn(B, Hkv, S0, D), randn(B, Hkv, S0, D)
+    if S0:  # sink key 0 along the mean query of its KV head: logit ~ log(#keys)
+        qm = q.reshape(B, Hkv, g * Lq, D).mean(2)  # [B, Hkv, D]
+        target = torch.log(torch.tensor(float(S0 + T + W))) + 0.5
+        sink_k[:, :, 0] = qm * (target / (qm.pow(2).sum(-1, keepdim=True) * scale))
+    body_k = quantize_keys(randn(B, Hkv, T, D) + 0.5, kbits, gk) if T else None
+    body_v = quantize_values(randn(B, Hkv, T, D), vbits, gv) if T else None
+    win_k, win_v = randn(B, Hkv, W, D), randn(B, Hkv, W, D)
+    S = S0 + T + W
+    mask = None
+    if key_mask:  # row 1 is left-padded by a third of the keys
+        mask = torch.ones(B, S, dtype=torch.bool)
+        mask[1, : S // 3] = False
+    qs = randn(B, Hkv * g, Lq, D) if q_sink else None
+    cast = [x.to(DEVICE, dtype) for x in (q, sink_k, sink_v)]
+    rest = [x.to(DEVICE, dtype) for x in (win_k, win_v)]
+    for blk in (body_k, body_v):
+        if blk is not None:
+            blk.codes, blk.scale, blk.zero = (t.to(DEVICE) for t in (blk.codes, blk.scale, blk.zero))
+    return (*cast, body_k, body_v, *rest, scale,
+            None if mask is None else mask.to(DEVICE), None if qs is None else qs.to(DEVICE, dtype))
+
+
+def sink_mass(args) -> float:
+    """Mean attention mass on the sink region (checks the test premise)."""
+    q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale = args[:8]
+    marker = torch.zeros_like(sink_v).float()
+    marker[..., 0] = 1  # value 1 on channel 0 for sinks, 0 everywhere else
+    zero_body = None
+    if body_v is not None:
+        zero_body = quantize_values(torch.zeros(body_v.codes.shape[:3] + (q.shape[-1],)), body_v.bits,
+                                    body_v.group_size)
+    probe = decode_attention_ref(q.float(), sink_k.float(), marker, body_k, zero_body, win_k.float(),
+                                 torch.zeros_like(win_v).float(), scale, *args[8:])
+    return probe[..., 0].mean().item()
+
+
+def run_kernel(args, num_splits=None):
+    from quantsink.kernels.decode_attention import _attention
+
+    return _attention(*args, num_splits=num_splits)
+
+
+def assert_close(args, num_splits=None) -> float:
+    out = run_kernel(args, num_splits)
+    ref = decode_attention_ref(*args)
+    assert out.shape == ref.shape and out.dtype == args[0].dtype
+    assert torch.isfinite(out).all(), "the kernel produced NaN/inf"
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= ATOL[args[0].dtype], f"max abs error {err}"
+    return err
+
+
+CASES = {
+    "unaligned_int4_g32": dict(S0=3, T=64, W=37, gk=32, gv=32),
+    "int2_d128": dict(D=128, S0=4, T=128, W=50, kbits=2, vbits=2),
+    "int8": dict(kbits=8, vbits=8),
+    "k4_v2_mixed": dict(kbits=4, vbits=2, W=20),
+    "gqa1": dict(g=1),
+    "gqa3": dict(g=3, Hkv=1),
+    "gqa8": dict(g=8, Hkv=1, D=128),
+    "sinks_only": dict(T=0, W=0),
+    "empty_body": dict(T=0, W=70),
+    "empty_window": dict(W=0),
+    "no_sinks": dict(S0=0),
+    "key_group_128": dict(T=256, gk=128, D=128, W=10),
+    "head_dim_256": dict(D=256, B=1, Hkv=1, W=17),
+    "fp32": dict(dtype=torch.float32),
+    "key_mask": dict(key_mask=True),
+    "q_sink": dict(q_sink=True),
+    "causal_lq3": dict(Lq=3, g=2, key_mask=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference(name):
+    assert_close(make_case(**CASES[name]))
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_split_k_reduce(splits):
+    assert_close(make_case(T=192, W=37, key_mask=True, q_sink=True, seed=splits), num_splits=splits)
+
+
+@pytest.mark.parametrize("name", ["unaligned_int4_g32", "int2_d128", "gqa8"])
+def test_sinks_take_about_half_the_mass(name):
+    mass = sink_mass(make_case(**CASES[name]))
+    assert 0.3 < mass < 0.75, mass
+
+
+def test_fully_masked_sequence_gives_zeros():
+    args = list(make_case(key_mask=True))
+    args[8][1] = False
+    out = run_kernel(args, num_splits=3)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
+    assert (out.float() - decode_attention_ref(*args).float()).abs().max() <= ATOL[torch.float16]
+
+
+def test_unsupported_key_group_falls_back_to_reference():
+    args = make_case(T=48, gk=24, W=5)
+    assert torch.equal(run_kernel(args), decode_attention_ref(*args))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(D=96, gk=32, gv=32), "head_dim 96"),
+    (dict(key_mask=True), "key_mask must be"),
+])
+def test_bad_inputs_raise(bad, match):
+    args = list(make_case(**bad))
+    if match == "key_mask must be":
+        args[8] = args[8][:, :-1]
+    with pytest.raises(QuantsinkError, match=match):
+        run_kernel(args)
+
+
+def test_dispatch(monkeypatch):
+    import quantsink.kernels.decode_attention as kern
+
+    calls = []
+    real = kern.sink_decode_attention
+    monkeypatch.setattr(kern, "sink_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = make_case(T=64, W=5)
+    decode_attention(*args, backend="torch")
+    assert calls == []
+    monkeypatch.setenv("QUANTSINK_BACKEND", "triton")
+    out = decode_attention(*args)
+    assert calls == [1] and (out.float() - decode_attention_ref(*args).float()).abs().max() <= 2e-3
+    assert attention.resolve_backend("torch", torch.device("cpu")) == "torch"
+    monkeypatch.delenv("QUANTSINK_BACKEND")
+    assert attention.resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(QuantsinkError, match="allowed"):
+        attention.resolve_backend("cuda", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU (no bf16 in the interpreter)")
+def test_bf16_on_gpu():
+    assert_close(make_case(dtype=torch.bfloat16, D=128))
+
+
+def test_interpreter_is_active_without_gpu():
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
