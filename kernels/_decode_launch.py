@@ -13,6 +13,7 @@ from quantsink.kv.primitives import PackedBlock
 
 HEAD_DIMS = (64, 128, 256)
 KV_BITS = (2, 4, 8)
+DENSE_TILE = 16
 MAX_VALUE_GROUPS = 16  # D // Gv; more repeats of each query row than this -> torch reference
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -26,7 +27,8 @@ class Geometry:
     ng: int  # value groups per head
     gv: int  # value group size (channels)
     gk: int  # key group size (tokens)
-    block_n: int  # key tile
+    block_n: int  # key tile of the packed body
+    dense_n: int  # key tile of the fp16 sinks and window (permuted loads: keep it small)
     tiles: int  # key tiles over the three regions
 
     @property
@@ -115,8 +117,9 @@ def geometry(q: torch.Tensor, S0: int, body_k: PackedBlock | None, body_v: Packe
         block_n = min(64, gk & -gk)  # largest power of two dividing the key group
     ng = D // gv
     block_m = max(min(triton.next_power_of_2(R), max(1, 64 // ng)), max(1, 16 // ng))
-    tiles = triton.cdiv(S0, block_n) + T // block_n + triton.cdiv(W, block_n)
-    return Geometry(R, block_m, ng, gv, gk, block_n, tiles)
+    dense_n = DENSE_TILE
+    tiles = triton.cdiv(S0, dense_n) + T // block_n + triton.cdiv(W, dense_n)
+    return Geometry(R, block_m, ng, gv, gk, block_n, dense_n, tiles)
 
 
 def pick_splits(geo: Geometry, programs: int, device: torch.device) -> int:
@@ -192,7 +195,7 @@ def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
         q, qs, out, po, pm, pl, mask, 0 if key_mask is None else mask.stride(0),
         *_region(q, sink_k, sink_v), *_region(q, win_k, win_v), *body,
         Hkv, geo.R, r_pad, Lq, S0, T, W, geo.gk, splits, scale * 1.4426950408889634,
-        D=D, BLOCK_M=geo.block_m, NG=geo.ng, GV=geo.gv, BLOCK_N=geo.block_n, KBITS=kbits,
+        D=D, BLOCK_M=geo.block_m, NG=geo.ng, GV=geo.gv, BLOCK_N=geo.block_n, DENSE_N=geo.dense_n, KBITS=kbits,
         VBITS=vbits, HAS_BODY=body_k is not None, HAS_MASK=key_mask is not None,
         IS_CAUSAL=Lq > 1, SINGLE_SPLIT=splits == 1, CDT=cdt, EXP_TRICK=q.dtype == torch.float16,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)

@@ -36,7 +36,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton.jit
 def _to_float(codes, CDT: tl.constexpr, EXP_TRICK: tl.constexpr):
     """uint8 codes -> CDT; with EXP_TRICK, fp16 1024 + code minus 1024 (exact for code < 1024)."""
     if EXP_TRICK:
-        out = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        out = ((codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(CDT)
     else:
         out = codes.to(CDT)
     return out
@@ -140,11 +140,11 @@ def _sink_decode_attention_kernel(
         vc_ptr, vc_sb, vc_sh, vc_st, vs_ptr, vz_ptr, vs_sb, vs_sh, vs_st,
         Hkv, R, R_PAD, Lq, S0, T, W, GK, SPLITS, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr, GV: tl.constexpr,
-        BLOCK_N: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, HAS_BODY: tl.constexpr,
+        BLOCK_N: tl.constexpr, DENSE_N: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, HAS_BODY: tl.constexpr,
         HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
         CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr):
     bh, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // Hkv, bh % Hkv
+    b, h = (bh // Hkv).to(tl.int64), (bh % Hkv).to(tl.int64)  # int64: caches can exceed 2 GiB
     MR: tl.constexpr = BLOCK_M * NG
     r = tl.arange(0, MR)
     row, gsel = pid_m * BLOCK_M + r // NG, r % NG  # query row (head-major, then Lq), value group
@@ -152,21 +152,22 @@ def _sink_decode_attention_kernel(
     q_off = (bh * R + row)[:, None] * D + chk[None, :]
     qv = tl.load(q_ptr + q_off, mask=(row < R)[:, None], other=0.0).to(tl.float32) * qk_scale
     qsv = tl.load(qs_ptr + q_off, mask=(row < R)[:, None], other=0.0).to(tl.float32) * qk_scale
+    qc, qsc = qv.to(CDT), qsv.to(CDT)
     limit = S0 + T + W - Lq + row % Lq  # causal: row sees keys [0, limit]
     mask_base = mask_ptr + b * mask_sb
     acc = tl.zeros([MR, D], dtype=tl.float32)
     zacc = tl.zeros([MR], dtype=tl.float32)
     m_i = tl.full([MR], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([MR], dtype=tl.float32)
-    n_s, n_b = tl.cdiv(S0, BLOCK_N), T // BLOCK_N
-    total = n_s + n_b + tl.cdiv(W, BLOCK_N)
+    n_s, n_b = tl.cdiv(S0, DENSE_N), T // BLOCK_N  # tiles: sinks, body, window
+    total = n_s + n_b + tl.cdiv(W, DENSE_N)
     per_split = tl.cdiv(total, SPLITS)
     lo, hi = split * per_split, tl.minimum(total, (split + 1) * per_split)
     for t in range(lo, tl.minimum(hi, n_s)):  # fp16 sinks, own query
         acc, m_i, l_i = _dense_tile(
-            acc, m_i, l_i, qsv.to(CDT), sk_ptr + b * s_sb + h * s_sh, sv_ptr + b * s_sb + h * s_sh,
-            s_st, t * BLOCK_N, S0, 0, chk, chv, mask_base, limit, HAS_MASK, IS_CAUSAL,
-            BLOCK_N, CDT, PREC)
+            acc, m_i, l_i, qsc, sk_ptr + b * s_sb + h * s_sh, sv_ptr + b * s_sb + h * s_sh,
+            s_st, t * DENSE_N, S0, 0, chk, chv, mask_base, limit, HAS_MASK, IS_CAUSAL,
+            DENSE_N, CDT, PREC)
     if HAS_BODY:
         for t in range(tl.maximum(lo, n_s), tl.minimum(hi, n_s + n_b)):  # packed body
             acc, zacc, m_i, l_i = _body_tile(
@@ -178,9 +179,9 @@ def _sink_decode_attention_kernel(
         acc += zacc[:, None]  # the window tiles below rescale acc only
     for t in range(tl.maximum(lo, n_s + n_b), hi):  # fp16 window
         acc, m_i, l_i = _dense_tile(
-            acc, m_i, l_i, qv.to(CDT), wk_ptr + b * w_sb + h * w_sh, wv_ptr + b * w_sb + h * w_sh,
-            w_st, (t - n_s - n_b) * BLOCK_N, W, S0 + T, chk, chv, mask_base, limit, HAS_MASK,
-            IS_CAUSAL, BLOCK_N, CDT, PREC)
+            acc, m_i, l_i, qc, wk_ptr + b * w_sb + h * w_sh, wv_ptr + b * w_sb + h * w_sh,
+            w_st, (t - n_s - n_b) * DENSE_N, W, S0 + T, chk, chv, mask_base, limit, HAS_MASK,
+            IS_CAUSAL, DENSE_N, CDT, PREC)
     # each output channel reads the row of its value group; m and l agree across the repeats
     onehot = (chv // GV)[None, :] == tl.arange(0, NG)[:, None]  # [NG, D]
     o = tl.sum(tl.where(onehot[None, :, :], tl.reshape(acc, (BLOCK_M, NG, D)), 0.0), 1)
