@@ -1,0 +1,104 @@
+"""The calibration artifact: ``calibration.json`` (sink map, massive activations, settings)
+plus ``stats.safetensors`` (per-channel statistics for the quantizers). No pickle anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantsink.calibration.sinkmap import SinkMap
+from quantsink.errors import QuantsinkError, check
+
+ARTIFACT_VERSION = 1
+JSON_NAME = "calibration.json"
+STATS_NAME = "stats.safetensors"
+
+
+@dataclass
+class CalibrationResult:
+    """What a calibration pass found.
+
+    ``stats`` keys (all float32): ``act_absmax/<linear name>`` [in_features];
+    ``key_min|key_max|value_min|value_max/<layer>`` [Hkv, D] with sinks excluded
+    (keys after RoPE); plus, for reports, ``attn_mass/<layer>`` [H, P] (share of attention
+    on each leading position per head), ``resid_absmax/<layer>`` [hidden] and
+    ``key_lead_absmax/<layer>`` [P, Hkv, D].
+    ``massive`` rows: ``{"layer", "channel", "value", "ratio_to_median", "positions", ...}``.
+    ``meta``: settings of the pass (windows, thresholds, source).
+    """
+
+    model: str
+    sink_map: SinkMap
+    massive: list[dict]
+    stats: dict[str, torch.Tensor]
+    num_layers: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def layer_stat(self, kind: str, layer: int) -> torch.Tensor:
+        """``stats[f"{kind}/{layer}"]`` with a clear error when absent."""
+        key = f"{kind}/{layer}"
+        check(key in self.stats, f"calibration has no statistic {key!r}")
+        return self.stats[key]
+
+    def to_json(self) -> dict:
+        """The JSON part of the artifact."""
+        return {"version": ARTIFACT_VERSION, "model": self.model, "num_layers": self.num_layers,
+                "sink_map": self.sink_map.to_dict(), "massive": self.massive, "meta": self.meta}
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``calibration.json`` and ``stats.safetensors`` into directory ``path``.
+
+        Files are written into a temporary directory first and then renamed into place, so
+        a reader never sees a half-written artifact.
+        """
+        from safetensors.torch import save_file
+
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".calib-", dir=target.parent))
+        try:
+            tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.stats.items()}
+            save_file(tensors, str(tmp / STATS_NAME), metadata={"version": str(ARTIFACT_VERSION)})
+            (tmp / JSON_NAME).write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+            if not target.exists():
+                os.replace(tmp, target)
+            else:
+                check(target.is_dir(), f"calibration output {str(target)!r} exists and is not a directory")
+                os.replace(tmp / STATS_NAME, target / STATS_NAME)
+                os.replace(tmp / JSON_NAME, target / JSON_NAME)  # the JSON is the commit marker
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationResult":
+        """Read an artifact written by :meth:`save` (a directory, or its ``calibration.json``)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        root = Path(path)
+        if root.is_file() and root.name == JSON_NAME:
+            root = root.parent
+        check((root / JSON_NAME).is_file(), f"{str(path)!r} is not a calibration artifact; allowed: a "
+                                            f"directory with {JSON_NAME} and {STATS_NAME} (from `quantsink inspect`)")
+        try:
+            meta = json.loads((root / JSON_NAME).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise QuantsinkError(f"{root / JSON_NAME}: not valid JSON ({exc.msg})") from None
+        check(isinstance(meta, dict) and meta.get("version") == ARTIFACT_VERSION,
+              f"{root / JSON_NAME}: calibration version {meta.get('version') if isinstance(meta, dict) else None!r} "
+              f"is not supported; allowed: {ARTIFACT_VERSION}")
+        check((root / STATS_NAME).is_file(), f"{str(root)!r} has {JSON_NAME} but no {STATS_NAME}")
+        try:
+            stats = load_file(str(root / STATS_NAME))
+        except SafetensorError as exc:
+            raise QuantsinkError(f"{root / STATS_NAME}: unreadable ({exc})") from None
+        return cls(model=str(meta.get("model", "")), sink_map=SinkMap.from_dict(meta["sink_map"]),
+                   massive=list(meta.get("massive", [])), stats=stats,
+                   num_layers=int(meta.get("num_layers", 0)), meta=dict(meta.get("meta", {})))
