@@ -97,7 +97,12 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> 
     use_safetensors = _check_weights(path)
     if _is_quantsink_checkpoint(path):
         import quantsink.weights.hf_quantizer  # noqa: F401  (registers the quantizer)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise QuantsinkError(f"directory {str(path)!r} has no usable tokenizer ({str(exc).splitlines()[0][:100]}); "
+                             "allowed: a Hugging Face model directory with tokenizer files "
+                             "(tokenizer.json / tokenizer_config.json)") from None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=use_safetensors)
     return model.to(device).eval(), tok
 

@@ -20,6 +20,13 @@ JSON_NAME = "calibration.json"
 STATS_NAME = "stats.safetensors"
 
 
+def default_permissions(path: Path, mode: int) -> None:
+    """Give ``path`` the permissions a plain open()/mkdir() would (mkdtemp makes 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 @dataclass
 class CalibrationResult:
     """What a calibration pass found.
@@ -63,9 +70,12 @@ class CalibrationResult:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".calib-", dir=target.parent))
         try:
-            tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.stats.items()}
+            tensors = {k: v.detach().float().cpu().clone() for k, v in self.stats.items()}  # no shared storage
             save_file(tensors, str(tmp / STATS_NAME), metadata={"version": str(ARTIFACT_VERSION)})
             (tmp / JSON_NAME).write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+            default_permissions(tmp, 0o777)
+            for name in (STATS_NAME, JSON_NAME):
+                default_permissions(tmp / name, 0o666)
             if not target.exists():
                 os.replace(tmp, target)
             else:

@@ -74,7 +74,7 @@ def finalize(col: Collector, tokenizer: Any, model_name: str, meta: dict) -> Cal
     sink_map = SinkMap(positional=leading_prefix(pos_rows),
                        content_token_ids=[r["token_id"] for r in content_rows],
                        num_layers=col.num_layers, positional_detail=pos_rows, content_detail=content_rows)
-    stats = {f"act_absmax/{k}": v for k, v in col.act_absmax.items()}
+    stats = {f"act_absmax/{k}": v.clone() for k, v in col.act_absmax.items()}  # q/k/v shared one
     for l in layers:
         stats[f"key_min/{l}"], stats[f"key_max/{l}"] = col.keys[l].finalize(sink_map.positional)
         stats[f"value_min/{l}"], stats[f"value_max/{l}"] = col.values[l].finalize(sink_map.positional)

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from quantsink.calibration.artifact import JSON_NAME, CalibrationResult
+from quantsink.calibration.artifact import JSON_NAME, CalibrationResult, default_permissions
 from quantsink.errors import check
 
 REPORT_NAME = "report.json"
@@ -124,7 +124,7 @@ def write_report_dir(result: CalibrationResult, out: str | Path, plots: bool = T
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        _chmod_default(tmp, 0o777)
+        default_permissions(tmp, 0o777)
         result.save(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(build_report(result), indent=1), encoding="utf-8")
         if plots:
@@ -133,18 +133,11 @@ def write_report_dir(result: CalibrationResult, out: str | Path, plots: bool = T
             write_plots(result, tmp)
         names = sorted(p.name for p in tmp.iterdir())
         for p in tmp.iterdir():
-            _chmod_default(p, 0o666)
+            default_permissions(p, 0o666)
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [out / n for n in names]
-
-
-def _chmod_default(path: Path, mode: int) -> None:
-    """Give ``path`` the permissions a plain open()/mkdir() would (mkdtemp makes 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
