@@ -14,6 +14,7 @@ from quantsink.kv.primitives import PackedBlock
 HEAD_DIMS = (64, 128, 256)
 KV_BITS = (2, 4, 8)
 DENSE_TILE = 16
+NUM_WARPS, NUM_STAGES = 4, 2  # untuned: no GPU was available when this was written
 MAX_VALUE_GROUPS = 16  # D // Gv; more repeats of each query row than this -> torch reference
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -198,7 +199,8 @@ def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
         D=D, BLOCK_M=geo.block_m, NG=geo.ng, GV=geo.gv, BLOCK_N=geo.block_n, DENSE_N=geo.dense_n, KBITS=kbits,
         VBITS=vbits, HAS_BODY=body_k is not None, HAS_MASK=key_mask is not None,
         IS_CAUSAL=Lq > 1, SINGLE_SPLIT=splits == 1, CDT=cdt, EXP_TRICK=q.dtype == torch.float16,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", HILO=q.dtype != torch.float32,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
         rb = 16
         reduce_kernel[(B * Hkv, triton.cdiv(geo.R, rb))](

@@ -83,18 +83,25 @@ def _softmax_step(s, ok, m_i, l_i):
 
 
 @triton.jit
-def _dense_tile(acc, m_i, l_i, qc, k_base, v_base, stride_t, t0, n_valid, pos0, chk, chv,
+def _dense_tile(acc, m_i, l_i, qc, qk_scale, k_base, v_base, stride_t, t0, n_valid, pos0, chk, chv,
                 mask_base, limit, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                BLOCK_N: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr):
-    """One tile of an fp16/bf16/fp32 region (sinks or window) of ``n_valid`` tokens."""
+                BLOCK_N: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr, HILO: tl.constexpr):
+    """One tile of an fp16/bf16/fp32 region (sinks or window) of ``n_valid`` tokens.
+
+    ``qc`` is the unscaled query (exact in CDT); with HILO, p goes to the tensor cores as
+    hi + lo halves, so a dominant sink's probability is not rounded to 11 bits.
+    """
     tok = t0 + tl.arange(0, BLOCK_N)
     valid = tok < n_valid
     k = tl.load(k_base + tok[:, None] * stride_t + chk[None, :], mask=valid[:, None], other=0.0)
-    s = tl.dot(qc, tl.trans(k.to(CDT)), input_precision=PREC)  # [MR, BLOCK_N]
+    s = tl.dot(qc, tl.trans(k.to(CDT)), input_precision=PREC) * qk_scale  # [MR, BLOCK_N]
     ok = _key_ok(valid, pos0 + tok, mask_base, limit, HAS_MASK, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i)
     v = tl.load(v_base + tok[:, None] * stride_t + chv[None, :], mask=valid[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(CDT), v.to(CDT), input_precision=PREC)
+    p_hi = p.to(CDT)
+    acc = acc * alpha[:, None] + tl.dot(p_hi, v.to(CDT), input_precision=PREC)
+    if HILO:
+        acc += tl.dot((p - p_hi.to(tl.float32)).to(CDT), v.to(CDT))
     return acc, m_i, l_i
 
 
@@ -142,7 +149,7 @@ def _sink_decode_attention_kernel(
         D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr, GV: tl.constexpr,
         BLOCK_N: tl.constexpr, DENSE_N: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, HAS_BODY: tl.constexpr,
         HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-        CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr):
+        CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr, HILO: tl.constexpr):
     bh, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (bh // Hkv).to(tl.int64), (bh % Hkv).to(tl.int64)  # int64: caches can exceed 2 GiB
     MR: tl.constexpr = BLOCK_M * NG
@@ -150,9 +157,9 @@ def _sink_decode_attention_kernel(
     row, gsel = pid_m * BLOCK_M + r // NG, r % NG  # query row (head-major, then Lq), value group
     chk, chv = _perm(D, KBITS), _perm(D, VBITS)
     q_off = (bh * R + row)[:, None] * D + chk[None, :]
-    qv = tl.load(q_ptr + q_off, mask=(row < R)[:, None], other=0.0).to(tl.float32) * qk_scale
-    qsv = tl.load(qs_ptr + q_off, mask=(row < R)[:, None], other=0.0).to(tl.float32) * qk_scale
-    qc, qsc = qv.to(CDT), qsv.to(CDT)
+    qc = tl.load(q_ptr + q_off, mask=(row < R)[:, None], other=0.0)
+    qsc = tl.load(qs_ptr + q_off, mask=(row < R)[:, None], other=0.0).to(CDT)
+    qv, qc = qc.to(tl.float32) * qk_scale, qc.to(CDT)  # scaled copy for the body fold
     limit = S0 + T + W - Lq + row % Lq  # causal: row sees keys [0, limit]
     mask_base = mask_ptr + b * mask_sb
     acc = tl.zeros([MR, D], dtype=tl.float32)
@@ -165,9 +172,9 @@ def _sink_decode_attention_kernel(
     lo, hi = split * per_split, tl.minimum(total, (split + 1) * per_split)
     for t in range(lo, tl.minimum(hi, n_s)):  # fp16 sinks, own query
         acc, m_i, l_i = _dense_tile(
-            acc, m_i, l_i, qsc, sk_ptr + b * s_sb + h * s_sh, sv_ptr + b * s_sb + h * s_sh,
+            acc, m_i, l_i, qsc, qk_scale, sk_ptr + b * s_sb + h * s_sh, sv_ptr + b * s_sb + h * s_sh,
             s_st, t * DENSE_N, S0, 0, chk, chv, mask_base, limit, HAS_MASK, IS_CAUSAL,
-            DENSE_N, CDT, PREC)
+            DENSE_N, CDT, PREC, HILO)
     if HAS_BODY:
         for t in range(tl.maximum(lo, n_s), tl.minimum(hi, n_s + n_b)):  # packed body
             acc, zacc, m_i, l_i = _body_tile(
@@ -179,9 +186,9 @@ def _sink_decode_attention_kernel(
         acc += zacc[:, None]  # the window tiles below rescale acc only
     for t in range(tl.maximum(lo, n_s + n_b), hi):  # fp16 window
         acc, m_i, l_i = _dense_tile(
-            acc, m_i, l_i, qc, wk_ptr + b * w_sb + h * w_sh, wv_ptr + b * w_sb + h * w_sh,
+            acc, m_i, l_i, qc, qk_scale, wk_ptr + b * w_sb + h * w_sh, wv_ptr + b * w_sb + h * w_sh,
             w_st, (t - n_s - n_b) * DENSE_N, W, S0 + T, chk, chv, mask_base, limit, HAS_MASK,
-            IS_CAUSAL, DENSE_N, CDT, PREC)
+            IS_CAUSAL, DENSE_N, CDT, PREC, HILO)
     # each output channel reads the row of its value group; m and l agree across the repeats
     onehot = (chv // GV)[None, :] == tl.arange(0, NG)[:, None]  # [NG, D]
     o = tl.sum(tl.where(onehot[None, :, :], tl.reshape(acc, (BLOCK_M, NG, D)), 0.0), 1)
@@ -208,7 +215,7 @@ def _reduce_kernel(out_ptr, po_ptr, pm_ptr, pl_ptr, R, R_PAD, SPLITS,
     sp = tl.arange(0, SPLITS_P2)
     st = (bh * SPLITS + sp[:, None]) * R_PAD + rows[None, :]  # [SPLITS_P2, RB]
     live = (sp < SPLITS)[:, None] & (rows < R_PAD)[None, :]
-    m = tl.load(pm_ptr + st, mask=live, other=float("-inf"))
+    m = tl.load(pm_ptr + st, mask=live, other=-1.0e30)  # as the kernel's start value
     m_max = tl.max(m, 0)
     l_sum = tl.sum(tl.exp2(m - m_max[None, :]) * tl.load(pl_ptr + st, mask=live, other=0.0), 0)
     acc = tl.zeros([RB, D], dtype=tl.float32)
