@@ -49,49 +49,58 @@ def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return a, b
 
 
+def _require(ok: bool, message) -> None:
+    """Raise with ``message()`` unless ``ok`` (the message is built only on failure: hot path)."""
+    if not ok:
+        raise QuantsinkError(message())
+
+
 def check_inputs(q, sink_k, sink_v, body_k, body_v, win_k, win_v, key_mask, q_sink) -> None:
     """Raise :class:`QuantsinkError` naming the first input that breaks the contract."""
-    check(q.dim() == 4, f"q must be [B, Hq, Lq, D], got shape {tuple(q.shape)}")
+    _require(q.dim() == 4, lambda: f"q must be [B, Hq, Lq, D], got shape {tuple(q.shape)}")
     B, Hq, Lq, D = q.shape
-    check(q.dtype in _TL_DTYPE, f"q dtype {q.dtype} not supported; allowed: fp16, bf16, fp32")
-    check(D in HEAD_DIMS, f"head_dim {D} not supported by the triton kernel; allowed: {HEAD_DIMS}")
+    _require(q.dtype in _TL_DTYPE, lambda: f"q dtype {q.dtype} not supported; allowed: fp16, bf16, fp32")
+    _require(D in HEAD_DIMS, lambda: f"head_dim {D} not supported by the triton kernel; allowed: {HEAD_DIMS}")
     Hkv = sink_k.shape[1] if sink_k.dim() == 4 else -1
+    dev = q.device
     for name, x in (("sink_k", sink_k), ("sink_v", sink_v), ("win_k", win_k), ("win_v", win_v)):
-        check(x.dim() == 4 and x.shape[0] == B and x.shape[1] == Hkv and x.shape[3] == D,
-              f"{name} must be [B={B}, Hkv, tokens, D={D}], got {tuple(x.shape)}")
-        check(x.is_floating_point(), f"{name} must be a float tensor, got {x.dtype}")
-        check(x.device == q.device, f"{name} is on {x.device}, q on {q.device}")
-    check(sink_k.shape == sink_v.shape and win_k.shape == win_v.shape, "k and v regions differ in shape")
-    check(Hkv > 0 and Hq % Hkv == 0, f"query heads {Hq} must be a multiple of KV heads {Hkv}")
-    check((body_k is None) == (body_v is None), "body_k and body_v must both be given or both None")
-    T = 0
-    if body_k is not None:
-        T = _check_body(body_k, body_v, B, Hkv, D, q.device)
+        shape = x.shape
+        _require(len(shape) == 4 and shape[0] == B and shape[1] == Hkv and shape[3] == D,
+                 lambda: f"{name} must be [B={B}, Hkv, tokens, D={D}], got {tuple(x.shape)}")
+        _require(x.is_floating_point() and x.device == dev,
+                 lambda: f"{name} must be a float tensor on {dev}, got {x.dtype} on {x.device}")
+    _require(sink_k.shape == sink_v.shape and win_k.shape == win_v.shape,
+             lambda: "sink_k/sink_v and win_k/win_v must have equal shapes")
+    _require(Hkv > 0 and Hq % Hkv == 0, lambda: f"query heads {Hq} must be a multiple of KV heads {Hkv}")
+    _require((body_k is None) == (body_v is None), lambda: "body_k and body_v must both be given or both None")
+    T = 0 if body_k is None else _check_body(body_k, body_v, B, Hkv, D, dev)
     if key_mask is not None:
         S = sink_k.shape[2] + T + win_k.shape[2]
-        check(tuple(key_mask.shape) == (B, S), f"key_mask must be [B={B}, S={S}], got {tuple(key_mask.shape)}")
+        _require(tuple(key_mask.shape) == (B, S),
+                 lambda: f"key_mask must be [B={B}, S={S}], got {tuple(key_mask.shape)}")
     if q_sink is not None:
-        check(q_sink.shape == q.shape and q_sink.dtype == q.dtype,
-              f"q_sink must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(q_sink.shape)}, {q_sink.dtype}")
+        _require(q_sink.shape == q.shape and q_sink.dtype == q.dtype,
+                 lambda: f"q_sink must match q {tuple(q.shape)} {q.dtype}, got {tuple(q_sink.shape)} {q_sink.dtype}")
 
 
 def _check_body(bk: PackedBlock, bv: PackedBlock, B: int, Hkv: int, D: int, device) -> int:
     """Check the packed body and return its token count."""
-    T = bk.num_tokens
-    check(bk.axis == "token" and bv.axis == "channel",
-          f"body_k must be per-channel keys (axis 'token'), body_v per-token values; got {bk.axis}, {bv.axis}")
+    T, gk, gv = bk.num_tokens, bk.group_size, bv.group_size
+    _require(bk.axis == "token" and bv.axis == "channel",
+             lambda: f"body_k must be per-channel keys (axis 'token'), body_v per-token values (axis "
+                     f"'channel'); got {bk.axis!r}, {bv.axis!r}")
     for name, blk in (("body_k", bk), ("body_v", bv)):
-        check(blk.bits in KV_BITS, f"{name}.bits={blk.bits} not supported; allowed: {KV_BITS}")
+        _require(blk.bits in KV_BITS, lambda: f"{name}.bits={blk.bits} not supported; allowed: {KV_BITS}")
         shape = (B, Hkv, T, D * blk.bits // 8)
-        check(blk.codes.dtype == torch.uint8 and tuple(blk.codes.shape) == shape,
-              f"{name}.codes must be uint8 {shape}, got {blk.codes.dtype} {tuple(blk.codes.shape)}")
-        check(blk.codes.device == device, f"{name} is on {blk.codes.device}, q on {device}")
-    check(T % bk.group_size == 0, f"body tokens {T} must be a multiple of the key group size {bk.group_size}")
-    check(D % bv.group_size == 0, f"head_dim {D} must be a multiple of the value group size {bv.group_size}")
-    ks = (B, Hkv, T // bk.group_size, D)
-    vs = (B, Hkv, T, D // bv.group_size)
-    check(tuple(bk.scale.shape) == ks and tuple(bk.zero.shape) == ks, f"body_k scale/zero must be {ks}")
-    check(tuple(bv.scale.shape) == vs and tuple(bv.zero.shape) == vs, f"body_v scale/zero must be {vs}")
+        c = blk.codes
+        _require(c.dtype == torch.uint8 and c.shape == shape and c.device == device,
+                 lambda: f"{name}.codes must be uint8 {shape} on {device}, got {c.dtype} {tuple(c.shape)} "
+                         f"on {c.device}")
+    _require(T % gk == 0, lambda: f"body tokens {T} must be a multiple of the key group size {gk}")
+    _require(D % gv == 0, lambda: f"head_dim {D} must be a multiple of the value group size {gv}")
+    ks, vs = (B, Hkv, T // gk, D), (B, Hkv, T, D // gv)
+    _require(bk.scale.shape == ks and bk.zero.shape == ks, lambda: f"body_k scale/zero must be {ks}")
+    _require(bv.scale.shape == vs and bv.zero.shape == vs, lambda: f"body_v scale/zero must be {vs}")
     return T
 
 
@@ -184,9 +193,11 @@ def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
     qs = q if q_sink is None else q_sink.contiguous()
     out = torch.empty_like(q)
     r_pad = geo.m_blocks * geo.block_m
-    po = torch.empty((B * Hkv, splits, r_pad, D), device=q.device, dtype=torch.float32)
-    pm = torch.empty((B * Hkv, splits, r_pad), device=q.device, dtype=torch.float32)
-    pl = torch.empty_like(pm)
+    po = pm = pl = out  # unused with one split
+    if splits > 1:  # per-split unnormalized acc, running max and sum for the reduce
+        po = torch.empty((B * Hkv, splits, r_pad, D), device=q.device, dtype=torch.float32)
+        pm = torch.empty((B * Hkv, splits, r_pad), device=q.device, dtype=torch.float32)
+        pl = torch.empty_like(pm)
     mask = q if key_mask is None else _contig(key_mask.bool()).view(torch.uint8)
     body = _body_args(q, body_k, body_v)
     kbits = 4 if body_k is None else body_k.bits

@@ -140,6 +140,28 @@ def _perm(D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _store(acc, m_i, l_i, out_ptr, po_ptr, pm_ptr, pl_ptr, bh, split, pid_m, R, R_PAD, SPLITS, chv,
+           D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr, GV: tl.constexpr,
+           SINGLE_SPLIT: tl.constexpr):
+    """Each output channel reads the row of its value group (m and l agree across the repeats);
+    write the final output (one split) or this split's (acc, m, l)."""
+    onehot = (chv // GV)[None, :] == tl.arange(0, NG)[:, None]  # [NG, D]
+    o = tl.sum(tl.where(onehot[None, :, :], tl.reshape(acc, (BLOCK_M, NG, D)), 0.0), 1)
+    m_o = tl.max(tl.reshape(m_i, (BLOCK_M, NG)), 1)
+    l_o = tl.max(tl.reshape(l_i, (BLOCK_M, NG)), 1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if SINGLE_SPLIT:
+        o = o / tl.where(l_o > 0, l_o, 1.0)[:, None]  # fully masked rows: acc = 0 -> 0
+        tl.store(out_ptr + (bh * R + rows)[:, None] * D + chv[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None])
+    else:
+        prow = (bh * SPLITS + split) * R_PAD + rows
+        tl.store(po_ptr + prow[:, None] * D + chv[None, :], o)
+        tl.store(pm_ptr + prow, m_o)
+        tl.store(pl_ptr + prow, l_o)
+
+
+@triton.jit
 def _sink_decode_attention_kernel(
         q_ptr, qs_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr, mask_ptr, mask_sb,
         sk_ptr, sv_ptr, s_sb, s_sh, s_st, wk_ptr, wv_ptr, w_sb, w_sh, w_st,
@@ -147,9 +169,15 @@ def _sink_decode_attention_kernel(
         vc_ptr, vc_sb, vc_sh, vc_st, vs_ptr, vz_ptr, vs_sb, vs_sh, vs_st,
         Hkv, R, R_PAD, Lq, S0, T, W, GK, SPLITS, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr, GV: tl.constexpr,
-        BLOCK_N: tl.constexpr, DENSE_N: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, HAS_BODY: tl.constexpr,
-        HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-        CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr, HILO: tl.constexpr):
+        BLOCK_N: tl.constexpr, DENSE_N: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+        HAS_BODY: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr, CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr,
+        HILO: tl.constexpr):
+    """Program (KV head of a sequence, split, query-row block): online softmax over its tiles.
+
+    Rows ``r`` of every tile are (query row ``r // NG``, value group ``r % NG``); tiles are
+    numbered sinks, body, window and split evenly; ``_store`` writes the result.
+    """
     bh, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (bh // Hkv).to(tl.int64), (bh % Hkv).to(tl.int64)  # int64: caches can exceed 2 GiB
     MR: tl.constexpr = BLOCK_M * NG
@@ -189,21 +217,8 @@ def _sink_decode_attention_kernel(
             acc, m_i, l_i, qc, qk_scale, wk_ptr + b * w_sb + h * w_sh, wv_ptr + b * w_sb + h * w_sh,
             w_st, (t - n_s - n_b) * DENSE_N, W, S0 + T, chk, chv, mask_base, limit, HAS_MASK,
             IS_CAUSAL, DENSE_N, CDT, PREC, HILO)
-    # each output channel reads the row of its value group; m and l agree across the repeats
-    onehot = (chv // GV)[None, :] == tl.arange(0, NG)[:, None]  # [NG, D]
-    o = tl.sum(tl.where(onehot[None, :, :], tl.reshape(acc, (BLOCK_M, NG, D)), 0.0), 1)
-    m_o = tl.max(tl.reshape(m_i, (BLOCK_M, NG)), 1)
-    l_o = tl.max(tl.reshape(l_i, (BLOCK_M, NG)), 1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if SINGLE_SPLIT:
-        o = o / tl.where(l_o > 0, l_o, 1.0)[:, None]  # fully masked rows: acc = 0 -> 0
-        tl.store(out_ptr + (bh * R + rows)[:, None] * D + chv[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None])
-    else:
-        prow = (bh * SPLITS + split) * R_PAD + rows
-        tl.store(po_ptr + prow[:, None] * D + chv[None, :], o)
-        tl.store(pm_ptr + prow, m_o)
-        tl.store(pl_ptr + prow, l_o)
+    _store(acc, m_i, l_i, out_ptr, po_ptr, pm_ptr, pl_ptr, bh, split, pid_m, R, R_PAD, SPLITS, chv,
+           D, BLOCK_M, NG, GV, SINGLE_SPLIT)
 
 
 @triton.jit
