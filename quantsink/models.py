@@ -7,13 +7,14 @@ take seconds instead of the ~20 s GGUF conversion.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -68,6 +69,9 @@ def _local_path(spec: str) -> Path | None:
     if path.exists():
         return path
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    check("/" in spec or "\\" in spec or "." in spec,
+          f"unknown model alias {spec!r}; allowed: an alias ({', '.join(_ALIASES)}), an existing "
+          "directory or .gguf file, or a hub id (org/name)")
     check(looks_like_hub_id and not spec.endswith(".gguf"),
           f"model path {spec!r} does not exist; allowed: an existing directory or .gguf file, "
           f"a hub id (org/name), or an alias ({', '.join(_ALIASES)})")
@@ -103,8 +107,23 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> 
         raise QuantsinkError(f"directory {str(path)!r} has no usable tokenizer ({str(exc).splitlines()[0][:100]}); "
                              "allowed: a Hugging Face model directory with tokenizer files "
                              "(tokenizer.json / tokenizer_config.json)") from None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=use_safetensors)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=use_safetensors)
     return model.to(device).eval(), tok
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" progress bar on stderr (it takes a second; stderr is for errors)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _is_quantsink_checkpoint(path: Path) -> bool:
