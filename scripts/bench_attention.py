@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e-steps", type=int, default=20)
     p.add_argument("--doc", type=Path, default=DOC, help="markdown file to write")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--tune", action="store_true",
+                   help="only sweep num_warps x num_stages x splits of the int4 kernel at B=1,8 S=32k")
     return p.parse_args(argv)
 
 
@@ -122,6 +124,24 @@ def timed_us(fn, smoke: bool) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def tune(a, device) -> None:
+    """Print the int4 kernel time per launch setting (pick one, set NUM_WARPS/NUM_STAGES)."""
+    import torch
+
+    from quantsink.kernels import _decode_launch as launch
+    from quantsink.kernels.decode_attention import _attention
+
+    for B in (1, 8):
+        inp = make_inputs(B, 32768, 4, a, device, torch.float16)
+        for warps in (4, 8):
+            for stages in (1, 2, 3, 4):
+                launch.NUM_WARPS, launch.NUM_STAGES = warps, stages
+                times = {sp: timed_us(lambda: _attention(*inp, num_splits=sp), False)
+                         for sp in (None, 1, 4, 8, 16, 32, 64)}
+                print(f"B={B} warps={warps} stages={stages} µs by splits (None = heuristic):",
+                      {k: round(v, 1) for k, v in times.items()})
+
+
 # -- grid --------------------------------------------------------------------------------
 def free_bytes(device) -> int:
     import torch
@@ -170,7 +190,8 @@ def accuracy(a, device) -> float:
     q = torch.randn(B, Hkv * g, 1, D, device=device)
     sink_k, sink_v = torch.randn(B, Hkv, a.sinks, D, device=device), torch.randn(B, Hkv, a.sinks, D, device=device)
     qm = q.reshape(B, Hkv, g, D).mean(2)
-    sink_k[:, :, 0] = qm * ((torch.log(torch.tensor(float(a.sinks + T + W))) + 0.5) / (qm.pow(2).sum(-1, True) * D ** -0.5))
+    target = torch.log(torch.tensor(float(a.sinks + T + W))) + 0.5  # sink logit: about half the mass
+    sink_k[:, :, 0] = qm * (target / (qm.pow(2).sum(-1, True) * D ** -0.5))
     bk = quantize_keys(torch.randn(B, Hkv, T, D, device=device) + 0.5, 4, a.group)
     bv = quantize_values(torch.randn(B, Hkv, T, D, device=device), 4, a.group)
     win = [torch.randn(B, Hkv, W, D, device=device).half() for _ in range(2)]
@@ -306,6 +327,9 @@ def main(argv=None) -> int:
     if not a.smoke and not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU (use --smoke to check the code paths on CPU)")
     device = "cpu" if a.smoke else "cuda"
+    if a.tune:
+        tune(a, device)
+        return 0
     err = accuracy(a, device)
     print(f"accuracy: max abs error vs reference {err:.2e}")
     rows = []
