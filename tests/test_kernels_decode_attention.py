@@ -104,6 +104,7 @@ CASES = {
     "key_mask": dict(key_mask=True),
     "q_sink": dict(q_sink=True),
     "causal_lq3": dict(Lq=3, g=2, key_mask=True),
+    "causal_lq20_row_blocks": dict(Lq=20, g=4, B=1, Hkv=1, T=64, W=40),  # 80 rows: 2 programs in M
 }
 
 
