@@ -237,7 +237,7 @@ def _reduce_kernel(out_ptr, po_ptr, pm_ptr, pl_ptr, R, R_PAD, SPLITS,
     cols = tl.arange(0, D)
     for s in range(SPLITS):
         prow = (bh * SPLITS + s) * R_PAD + rows
-        w = tl.exp2(tl.load(pm_ptr + prow, mask=rows < R_PAD, other=0.0) - m_max)
+        w = tl.exp2(tl.load(pm_ptr + prow, mask=rows < R_PAD, other=-1.0e30) - m_max)
         o = tl.load(po_ptr + prow[:, None] * D + cols[None, :], mask=(rows < R_PAD)[:, None], other=0.0)
         acc += w[:, None] * o
     acc = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
