@@ -11,10 +11,11 @@ the three regions) and a block of query rows; :func:`_reduce_kernel` merges the 
   value group (``NG = D // Gv`` rows), row ``(m, g)`` multiplies ``p`` by the scales of group
   ``g``, and each output channel finally reads the row of its own group. The repeats fill the
   ``M >= 16`` padding that ``tl.dot`` needs anyway.
-- Planar codes are unpacked with shifts and ``tl.join``: the tile's column ``c`` holds channel
-  ``(c % per) * P + c // per``; queries, fp16 keys/values and outputs use the same permutation,
-  so no shuffle is needed. fp16 queries convert codes with the exponent trick
-  (``(code | 0x6400)`` bitcast to fp16, minus 1024), pure Triton, so the interpreter runs it.
+- Planar codes: part ``i`` of a packed tile (``(bytes >> i * bits) & mask``) holds the
+  contiguous channels ``[i * P, (i + 1) * P)``, so scores are ``sum_i (q_i * s_i) . code_i``
+  and each value part has its own accumulator: no shuffles (see ``_decode_tiles``). fp16
+  queries convert codes with the exponent trick (``(code | 0x6400)`` bitcast to fp16, minus
+  1024), pure Triton, so the interpreter runs it.
 
 The public wrapper is :func:`quantsink.kernels.decode_attention.sink_decode_attention`.
 """
@@ -27,138 +28,17 @@ import triton
 import triton.language as tl
 
 from quantsink.kernels._decode_launch import launch
+from quantsink.kernels._decode_tiles import _body_tile, _dense_tile, _store
 from quantsink.kv.primitives import PackedBlock
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton.jit at decoration
 
 
 @triton.jit
-def _to_float(codes, CDT: tl.constexpr, EXP_TRICK: tl.constexpr):
-    """uint8 codes -> CDT; with EXP_TRICK, fp16 1024 + code minus 1024 (exact for code < 1024)."""
-    if EXP_TRICK:
-        out = ((codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(CDT)
-    else:
-        out = codes.to(CDT)
-    return out
-
-
-@triton.jit
-def _unpack(packed, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, CDT: tl.constexpr,
-            EXP_TRICK: tl.constexpr):
-    """Packed bytes [N, D * BITS // 8] -> codes [N, D]; column c is channel (c % per) * P + c // per."""
-    if BITS == 8:
-        out = _to_float(packed, CDT, EXP_TRICK)
-    elif BITS == 4:
-        lo = _to_float(packed & 15, CDT, EXP_TRICK)
-        hi = _to_float(packed >> 4, CDT, EXP_TRICK)
-        out = tl.reshape(tl.join(lo, hi), (N, D))
-    else:
-        a = _to_float(packed & 3, CDT, EXP_TRICK)
-        b = _to_float((packed >> 2) & 3, CDT, EXP_TRICK)
-        c = _to_float((packed >> 4) & 3, CDT, EXP_TRICK)
-        d = _to_float(packed >> 6, CDT, EXP_TRICK)
-        out = tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (N, D))  # order a, b, c, d
-    return out
-
-
-@triton.jit
-def _key_ok(valid, pos, mask_base, limit, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Which keys each row may attend: [1 or MR, BLOCK_N] bool."""
-    ok = valid[None, :]
-    if HAS_MASK:
-        ok = ok & (tl.load(mask_base + pos, mask=valid, other=0) != 0)[None, :]
-    if IS_CAUSAL:
-        ok = ok & (pos[None, :] <= limit[:, None])
-    return ok
-
-
-@triton.jit
-def _softmax_step(s, ok, m_i, l_i):
-    """Online softmax in base 2; m_i starts finite so fully masked rows never give NaN."""
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def _dense_tile(acc, m_i, l_i, qc, qk_scale, k_base, v_base, stride_t, t0, n_valid, pos0, chk, chv,
-                mask_base, limit, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                BLOCK_N: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr, HILO: tl.constexpr):
-    """One tile of an fp16/bf16/fp32 region (sinks or window) of ``n_valid`` tokens.
-
-    ``qc`` is the unscaled query (exact in CDT); with HILO, p goes to the tensor cores as
-    hi + lo halves, so a dominant sink's probability is not rounded to 11 bits.
-    """
-    tok = t0 + tl.arange(0, BLOCK_N)
-    valid = tok < n_valid
-    k = tl.load(k_base + tok[:, None] * stride_t + chk[None, :], mask=valid[:, None], other=0.0)
-    s = tl.dot(qc, tl.trans(k.to(CDT)), input_precision=PREC) * qk_scale  # [MR, BLOCK_N]
-    ok = _key_ok(valid, pos0 + tok, mask_base, limit, HAS_MASK, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i)
-    v = tl.load(v_base + tok[:, None] * stride_t + chv[None, :], mask=valid[:, None], other=0.0)
-    p_hi = p.to(CDT)
-    acc = acc * alpha[:, None] + tl.dot(p_hi, v.to(CDT), input_precision=PREC)
-    if HILO:
-        acc += tl.dot((p - p_hi.to(tl.float32)).to(CDT), v.to(CDT))
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _body_tile(acc, zacc, m_i, l_i, qv, tb, kc_base, kc_st, ks_base, kz_base, ks_sg, vc_base,
-               vc_st, vs_base, vz_base, vs_st, pos0, chk, gsel, mask_base, limit, GK,
-               HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-               D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, CDT: tl.constexpr,
-               EXP_TRICK: tl.constexpr, PREC: tl.constexpr):
-    """One tile of the packed body: key scales folded into q, value scales into p."""
-    tok = tb * BLOCK_N + tl.arange(0, BLOCK_N)
-    grp = (tb * BLOCK_N) // GK
-    sk = tl.load(ks_base + grp * ks_sg + chk).to(tl.float32)  # [D]
-    zk = tl.load(kz_base + grp * ks_sg + chk).to(tl.float32)
-    kb = tl.load(kc_base + tok[:, None] * kc_st + tl.arange(0, D * KBITS // 8)[None, :])
-    k = _unpack(kb, BLOCK_N, D, KBITS, CDT, EXP_TRICK)  # codes [BLOCK_N, D]
-    s = tl.dot((qv * sk[None, :]).to(CDT), tl.trans(k), input_precision=PREC)
-    s = s + tl.sum(qv * zk[None, :], 1)[:, None]  # [MR, BLOCK_N]
-    ok = _key_ok(tok >= 0, pos0 + tok, mask_base, limit, HAS_MASK, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i)
-    vs = tl.load(vs_base + tok[None, :] * vs_st + gsel[:, None]).to(tl.float32)  # [MR, BLOCK_N]
-    vz = tl.load(vz_base + tok[None, :] * vs_st + gsel[:, None]).to(tl.float32)
-    vb = tl.load(vc_base + tok[:, None] * vc_st + tl.arange(0, D * VBITS // 8)[None, :])
-    v = _unpack(vb, BLOCK_N, D, VBITS, CDT, EXP_TRICK)
-    acc = acc * alpha[:, None] + tl.dot((p * vs).to(CDT), v, input_precision=PREC)
-    zacc = zacc * alpha + tl.sum(p * vz, 1)
-    return acc, zacc, m_i, l_i
-
-
-@triton.jit
-def _perm(D: tl.constexpr, BITS: tl.constexpr):
-    """Channel held by each unpacked column: (c % per) * P + c // per."""
-    c = tl.arange(0, D)
-    PER: tl.constexpr = 8 // BITS
-    return (c % PER) * (D // PER) + c // PER
-
-
-@triton.jit
-def _store(acc, m_i, l_i, out_ptr, po_ptr, pm_ptr, pl_ptr, bh, split, pid_m, R, R_PAD, SPLITS, chv,
-           D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr, GV: tl.constexpr,
-           SINGLE_SPLIT: tl.constexpr):
-    """Each output channel reads the row of its value group (m and l agree across the repeats);
-    write the final output (one split) or this split's (acc, m, l)."""
-    onehot = (chv // GV)[None, :] == tl.arange(0, NG)[:, None]  # [NG, D]
-    o = tl.sum(tl.where(onehot[None, :, :], tl.reshape(acc, (BLOCK_M, NG, D)), 0.0), 1)
-    m_o = tl.max(tl.reshape(m_i, (BLOCK_M, NG)), 1)
-    l_o = tl.max(tl.reshape(l_i, (BLOCK_M, NG)), 1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if SINGLE_SPLIT:
-        o = o / tl.where(l_o > 0, l_o, 1.0)[:, None]  # fully masked rows: acc = 0 -> 0
-        tl.store(out_ptr + (bh * R + rows)[:, None] * D + chv[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None])
-    else:
-        prow = (bh * SPLITS + split) * R_PAD + rows
-        tl.store(po_ptr + prow[:, None] * D + chv[None, :], o)
-        tl.store(pm_ptr + prow, m_o)
-        tl.store(pl_ptr + prow, l_o)
+def _query_part(q_ptr, q_row, ok, qk_scale, I: tl.constexpr, PK: tl.constexpr):
+    """Scaled fp32 query channels [I*PK, (I+1)*PK): the body folds key scales into these."""
+    offs = q_row[:, None] + I * PK + tl.arange(0, PK)[None, :]
+    return tl.load(q_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32) * qk_scale
 
 
 @triton.jit
@@ -181,16 +61,25 @@ def _sink_decode_attention_kernel(
     bh, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (bh // Hkv).to(tl.int64), (bh % Hkv).to(tl.int64)  # int64: caches can exceed 2 GiB
     MR: tl.constexpr = BLOCK_M * NG
+    PK: tl.constexpr = D * KBITS // 8
+    PV: tl.constexpr = D * VBITS // 8
     r = tl.arange(0, MR)
     row, gsel = pid_m * BLOCK_M + r // NG, r % NG  # query row (head-major, then Lq), value group
-    chk, chv = _perm(D, KBITS), _perm(D, VBITS)
-    q_off = (bh * R + row)[:, None] * D + chk[None, :]
-    qc = tl.load(q_ptr + q_off, mask=(row < R)[:, None], other=0.0)
-    qsc = tl.load(qs_ptr + q_off, mask=(row < R)[:, None], other=0.0).to(CDT)
-    qv, qc = qc.to(tl.float32) * qk_scale, qc.to(CDT)  # scaled copy for the body fold
+    q_row, row_ok = (bh * R + row) * D, row < R
+    q_off = q_row[:, None] + tl.arange(0, D)[None, :]
+    qc = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0).to(CDT)  # unscaled, natural order
+    qsc = tl.load(qs_ptr + q_off, mask=row_ok[:, None], other=0.0).to(CDT)
+    qv0 = _query_part(q_ptr, q_row, row_ok, qk_scale, 0, PK)
+    qv1, qv2, qv3 = qv0, qv0, qv0
+    if KBITS <= 4:
+        qv1 = _query_part(q_ptr, q_row, row_ok, qk_scale, 1, PK)
+    if KBITS == 2:
+        qv2 = _query_part(q_ptr, q_row, row_ok, qk_scale, 2, PK)
+        qv3 = _query_part(q_ptr, q_row, row_ok, qk_scale, 3, PK)
     limit = S0 + T + W - Lq + row % Lq  # causal: row sees keys [0, limit]
     mask_base = mask_ptr + b * mask_sb
-    acc = tl.zeros([MR, D], dtype=tl.float32)
+    acc0 = tl.zeros([MR, PV], dtype=tl.float32)  # one accumulator per planar part of the values
+    acc1, acc2, acc3 = acc0, acc0, acc0  # (unused ones are never updated)
     zacc = tl.zeros([MR], dtype=tl.float32)
     m_i = tl.full([MR], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([MR], dtype=tl.float32)
@@ -199,26 +88,28 @@ def _sink_decode_attention_kernel(
     per_split = tl.cdiv(total, SPLITS)
     lo, hi = split * per_split, tl.minimum(total, (split + 1) * per_split)
     for t in range(lo, tl.minimum(hi, n_s)):  # fp16 sinks, own query
-        acc, m_i, l_i = _dense_tile(
-            acc, m_i, l_i, qsc, qk_scale, sk_ptr + b * s_sb + h * s_sh, sv_ptr + b * s_sb + h * s_sh,
-            s_st, t * DENSE_N, S0, 0, chk, chv, mask_base, limit, HAS_MASK, IS_CAUSAL,
-            DENSE_N, CDT, PREC, HILO)
+        acc0, acc1, acc2, acc3, m_i, l_i = _dense_tile(
+            acc0, acc1, acc2, acc3, m_i, l_i, qsc, qk_scale, sk_ptr + b * s_sb + h * s_sh,
+            sv_ptr + b * s_sb + h * s_sh, s_st, t * DENSE_N, S0, 0, mask_base, limit, HAS_MASK,
+            IS_CAUSAL, DENSE_N, D, VBITS, CDT, PREC, HILO)
     if HAS_BODY:
         for t in range(tl.maximum(lo, n_s), tl.minimum(hi, n_s + n_b)):  # packed body
-            acc, zacc, m_i, l_i = _body_tile(
-                acc, zacc, m_i, l_i, qv, t - n_s, kc_ptr + b * kc_sb + h * kc_sh, kc_st,
-                ks_ptr + b * ks_sb + h * ks_sh, kz_ptr + b * ks_sb + h * ks_sh, ks_sg,
-                vc_ptr + b * vc_sb + h * vc_sh, vc_st, vs_ptr + b * vs_sb + h * vs_sh,
-                vz_ptr + b * vs_sb + h * vs_sh, vs_st, S0, chk, gsel, mask_base, limit, GK,
-                HAS_MASK, IS_CAUSAL, BLOCK_N, D, KBITS, VBITS, CDT, EXP_TRICK, PREC)
-        acc += zacc[:, None]  # the window tiles below rescale acc only
+            acc0, acc1, acc2, acc3, zacc, m_i, l_i = _body_tile(
+                acc0, acc1, acc2, acc3, zacc, m_i, l_i, qv0, qv1, qv2, qv3, t - n_s,
+                kc_ptr + b * kc_sb + h * kc_sh, kc_st, ks_ptr + b * ks_sb + h * ks_sh,
+                kz_ptr + b * ks_sb + h * ks_sh, ks_sg, vc_ptr + b * vc_sb + h * vc_sh, vc_st,
+                vs_ptr + b * vs_sb + h * vs_sh, vz_ptr + b * vs_sb + h * vs_sh, vs_st, S0, gsel,
+                mask_base, limit, GK, HAS_MASK, IS_CAUSAL, MR, BLOCK_N, D, KBITS, VBITS, CDT,
+                EXP_TRICK, PREC)
+        acc0, acc1 = acc0 + zacc[:, None], acc1 + zacc[:, None]  # the window tiles rescale acc only
+        acc2, acc3 = acc2 + zacc[:, None], acc3 + zacc[:, None]
     for t in range(tl.maximum(lo, n_s + n_b), hi):  # fp16 window
-        acc, m_i, l_i = _dense_tile(
-            acc, m_i, l_i, qc, qk_scale, wk_ptr + b * w_sb + h * w_sh, wv_ptr + b * w_sb + h * w_sh,
-            w_st, (t - n_s - n_b) * DENSE_N, W, S0 + T, chk, chv, mask_base, limit, HAS_MASK,
-            IS_CAUSAL, DENSE_N, CDT, PREC, HILO)
-    _store(acc, m_i, l_i, out_ptr, po_ptr, pm_ptr, pl_ptr, bh, split, pid_m, R, R_PAD, SPLITS, chv,
-           D, BLOCK_M, NG, GV, SINGLE_SPLIT)
+        acc0, acc1, acc2, acc3, m_i, l_i = _dense_tile(
+            acc0, acc1, acc2, acc3, m_i, l_i, qc, qk_scale, wk_ptr + b * w_sb + h * w_sh,
+            wv_ptr + b * w_sb + h * w_sh, w_st, (t - n_s - n_b) * DENSE_N, W, S0 + T, mask_base,
+            limit, HAS_MASK, IS_CAUSAL, DENSE_N, D, VBITS, CDT, PREC, HILO)
+    _store(acc0, acc1, acc2, acc3, m_i, l_i, out_ptr, po_ptr, pm_ptr, pl_ptr, bh, split, pid_m, R,
+           R_PAD, SPLITS, D, BLOCK_M, NG, GV, VBITS, SINGLE_SPLIT)
 
 
 @triton.jit
