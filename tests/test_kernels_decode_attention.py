@@ -90,6 +90,7 @@ CASES = {
     "unaligned_int4_g32": dict(S0=3, T=64, W=37, gk=32, gv=32),
     "int2_d128": dict(D=128, S0=4, T=128, W=50, kbits=2, vbits=2),
     "int8": dict(kbits=8, vbits=8),
+    "int2_d64": dict(kbits=2, vbits=2, gk=32, gv=32, T=96),  # parts of 16 channels
     "k4_v2_mixed": dict(kbits=4, vbits=2, W=20),
     "gqa1": dict(g=1),
     "gqa3": dict(g=3, Hkv=1),
