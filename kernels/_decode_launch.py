@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 
 from quantsink.errors import QuantsinkError, check
@@ -18,6 +17,14 @@ NUM_WARPS, NUM_STAGES = 4, 2  # untuned: no GPU was available when this was writ
 CTAS_PER_SM = 2  # ~200 registers x 128 threads per program (ptxas, sm_90)
 MAX_VALUE_GROUPS = 16  # D // Gv; more repeats of each query row than this -> torch reference
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # (triton.cdiv is a jit function: ~10 us per call from Python)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @dataclass
@@ -35,19 +42,20 @@ class Geometry:
 
     @property
     def m_blocks(self) -> int:
-        return triton.cdiv(self.R, self.block_m)
+        return _cdiv(self.R, self.block_m)
 
 
 def _contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k/v (or scale/zero) share one stride set in the kernel."""
-    a, b = _contig(a), _contig(b)
-    if a.stride() != b.stride():
+def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """k/v (or scale/zero) share one stride set in the kernel: (a, b, (batch, head, token) strides)."""
+    sa, sb = a.stride(), b.stride()
+    if sa != sb or sa[-1] != 1:
         a, b = a.contiguous(), b.contiguous()
-    return a, b
+        sa = a.stride()
+    return a, b, sa[:3]
 
 
 def _require(ok: bool, message) -> None:
@@ -127,9 +135,9 @@ def geometry(q: torch.Tensor, S0: int, body_k: PackedBlock | None, body_v: Packe
         gk, gv, T = body_k.group_size, body_v.group_size, body_k.num_tokens
         block_n = min(64, gk & -gk)  # largest power of two dividing the key group
     ng = D // gv
-    block_m = max(min(triton.next_power_of_2(R), max(1, 64 // ng)), max(1, 16 // ng))
+    block_m = max(min(_pow2(R), max(1, 64 // ng)), max(1, 16 // ng))
     dense_n = DENSE_TILE
-    tiles = triton.cdiv(S0, dense_n) + T // block_n + triton.cdiv(W, dense_n)
+    tiles = _cdiv(S0, dense_n) + T // block_n + _cdiv(W, dense_n)
     return Geometry(R, block_m, ng, gv, gk, block_n, dense_n, tiles)
 
 
@@ -139,7 +147,7 @@ def pick_splits(geo: Geometry, programs: int, device: torch.device) -> int:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = (CTAS_PER_SM * sms) // max(programs, 1)
-    return max(1, min(want, triton.cdiv(geo.tiles, 4), 128))
+    return max(1, min(want, _cdiv(geo.tiles, 4), 128))
 
 
 def launch(kernel, reduce_kernel, interpret: bool, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
@@ -162,7 +170,7 @@ def launch(kernel, reduce_kernel, interpret: bool, q, sink_k, sink_v, body_k, bo
         return torch.zeros_like(q)
     geo = geometry(q, S0, body_k, body_v, W, Hkv)
     splits = num_splits or pick_splits(geo, B * Hkv * geo.m_blocks, q.device)
-    splits = triton.cdiv(geo.tiles, triton.cdiv(geo.tiles, max(1, min(splits, geo.tiles))))
+    splits = _cdiv(geo.tiles, _cdiv(geo.tiles, max(1, min(splits, geo.tiles))))
     return _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale,
                 key_mask, q_sink, geo, splits)
 
@@ -172,17 +180,17 @@ def _body_args(q: torch.Tensor, body_k: PackedBlock | None, body_v: PackedBlock 
     if body_k is None:
         return [q, 0, 0, 0, q, q, 0, 0, 0] * 2
     kc, vc = _contig(body_k.codes), _contig(body_v.codes)
-    ks, kz = _pair(body_k.scale, body_k.zero)
-    vs, vz = _pair(body_v.scale, body_v.zero)
-    return [kc, *kc.stride()[:3], ks, kz, *ks.stride()[:3], vc, *vc.stride()[:3], vs, vz, *vs.stride()[:3]]
+    ks, kz, ks_st = _pair(body_k.scale, body_k.zero)
+    vs, vz, vs_st = _pair(body_v.scale, body_v.zero)
+    return [kc, *kc.stride()[:3], ks, kz, *ks_st, vc, *vc.stride()[:3], vs, vz, *vs_st]
 
 
 def _region(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
     """k/v pointers and (batch, head, token) strides of one fp16 region."""
     if k.numel() == 0:
         return [q, q, 0, 0, 0]
-    k, v = _pair(k, v)
-    return [k, v, *k.stride()[:3]]
+    k, v, st = _pair(k, v)
+    return [k, v, *st]
 
 
 def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale, key_mask,
@@ -215,7 +223,7 @@ def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
         rb = 16
-        reduce_kernel[(B * Hkv, triton.cdiv(geo.R, rb))](
+        reduce_kernel[(B * Hkv, _cdiv(geo.R, rb))](
             out, po, pm, pl, geo.R, r_pad, splits, D=D, RB=rb,
-            SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+            SPLITS_P2=_pow2(splits), num_warps=4)
     return out
