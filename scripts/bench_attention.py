@@ -288,6 +288,24 @@ def e2e(a, device, smoke) -> list[dict]:
 
 
 # -- report ------------------------------------------------------------------------------
+def acceptance(rows, e2e_rows, group: int) -> list[str]:
+    """The issue's speed targets, each with the measured value and PASS/FAIL."""
+    def speed(method, B, S, key="speedup"):
+        return next((r[key] for r in rows if r["method"] == method and r["B"] == B and r["S"] == S), float("nan"))
+
+    k4, k2 = f"int4-g{group} kernel", f"int2-g{group} kernel"
+    vs_deq = [r["vs_dequant"] for r in rows if r["method"] == k4 and r["vs_dequant"] == r["vs_dequant"]]
+    e2e = e2e_rows[0]["ms"] / e2e_rows[1]["ms"] if len(e2e_rows) == 2 else float("nan")
+    checks = [("int4 vs fp16 SDPA, B=8 S=32k", speed(k4, 8, 32768), 3.2),
+              ("int4 vs fp16 SDPA, B=1 S=32k", speed(k4, 1, 32768), 2.5),
+              ("int2 vs fp16 SDPA, B=8 S=32k", speed(k2, 8, 32768), 5.0),
+              ("int4 vs dequant+SDPA (worst point)", min(vs_deq, default=float("nan")), 50.0),
+              ("int4 vs fp16 SDPA, B=1 S=4k", speed(k4, 1, 4096), 1.0),
+              ("end to end tokens/s vs DynamicCache, B=8 32k", e2e, 2.0)]
+    verdict = lambda v, goal: "not measured" if v != v else ("PASS" if v >= goal else "FAIL")  # noqa: E731
+    return [f"| {name} | {val:.2f}x | >= {goal}x | {verdict(val, goal)} |" for name, val, goal in checks]
+
+
 def markdown(rows, e2e_rows, err, a, cmd) -> str:
     import torch
     import triton
@@ -303,6 +321,8 @@ def markdown(rows, e2e_rows, err, a, cmd) -> str:
            "also writes and re-reads an fp16 copy, not counted); TB/s = bytes / time.",
            f"- accuracy: kernel vs `decode_attention_ref`, int4-g{a.group}, sinks ~half the mass: "
            f"max abs error {err:.2e} (fp16 output)\n",
+           "| target (issue 5) | measured | goal | |", "|---|---|---|---|",
+           *acceptance(rows, e2e_rows, a.group), "",
            "| B | S | method | µs | MB read | TB/s | speedup vs fp16 SDPA | speedup vs dequant+SDPA |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
