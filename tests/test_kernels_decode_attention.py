@@ -14,6 +14,7 @@ from quantsink.kv.primitives import quantize_keys, quantize_values
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp16: the bound; bf16: a torch emulation of the kernel's roundings gave <= 7.8e-3
 ATOL = {torch.float16: 2e-3, torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
@@ -57,8 +58,8 @@ def sink_mass(args) -> float:
     marker[..., 0] = 1  # value 1 on channel 0 for sinks, 0 everywhere else
     zero_body = None
     if body_v is not None:
-        zero_body = quantize_values(torch.zeros(body_v.codes.shape[:3] + (q.shape[-1],)), body_v.bits,
-                                    body_v.group_size)
+        zeros = torch.zeros(body_v.codes.shape[:3] + (q.shape[-1],), device=q.device)
+        zero_body = quantize_values(zeros, body_v.bits, body_v.group_size)
     probe = decode_attention_ref(q.float(), sink_k.float(), marker, body_k, zero_body, win_k.float(),
                                  torch.zeros_like(win_v).float(), scale, *args[8:])
     return probe[..., 0].mean().item()
