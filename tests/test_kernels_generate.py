@@ -39,12 +39,12 @@ def test_generate_triton_matches_torch(monkeypatch):
     real = kern.sink_decode_attention
     monkeypatch.setattr(kern, "sink_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_llama()
-    prompt = torch.randint(1, 128, (2, 37), generator=torch.Generator().manual_seed(1))
-    seq_t, scores_t, cache = generate(model, "torch", prompt, 20)
+    prompt = torch.randint(1, 128, (2, 45), generator=torch.Generator().manual_seed(1))
+    seq_t, scores_t, _ = generate(model, "torch", prompt, 12)
     assert calls == []
-    seq_k, scores_k, _ = generate(model, "triton", prompt, 20)
-    assert len(calls) == 2 * 19  # every decode step of both layers went through the kernel
-    assert cache.layers[0].body_k is not None and cache.layers[0].body_k.num_tokens >= 32
+    seq_k, scores_k, cache = generate(model, "triton", prompt, 12)
+    assert len(calls) == 2 * 11  # every decode step of both layers went through the kernel
+    assert cache.layers[0].body_k.num_tokens == 32  # one group at prefill, one flushed while decoding
     assert torch.isfinite(scores_k).all()
     assert (scores_k - scores_t).abs().max().item() < 1e-3
     assert torch.equal(seq_k, seq_t)
