@@ -67,6 +67,20 @@ def test_uniform_share_matches_brute_force() -> None:
     assert torch.allclose(uniform_share(L, 5), torch.tensor(want), rtol=1e-6)
 
 
+@pytest.mark.parametrize("seq,window", [(50, 8), (5, 8), (33, 1)])
+def test_far_mass_matches_brute_force(seq: int, window: int, gen: torch.Generator) -> None:
+    logits = torch.randn(3, seq, seq, generator=gen)
+    probs = logits.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    mass, ratio, count = far_mass(probs, window)
+    pos = torch.arange(seq)
+    far = ((pos[:, None] - pos[None, :]) >= window).float()  # [Lq, Lk]
+    want_count = far.sum(0)
+    torch.testing.assert_close(count, want_count)
+    torch.testing.assert_close(mass, (probs * far).sum(1) / want_count.clamp(min=1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ratio, (probs * far * (pos[:, None] + 1)).sum(1) / want_count.clamp(min=1),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_uniform_attention_has_ratio_one_and_uniform_leading_mass() -> None:
     probs = causal_probs(torch.zeros(1, 1, L, L))
     _, ratio, count = far_mass(probs.mean(1), local_window=8)

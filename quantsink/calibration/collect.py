@@ -44,7 +44,7 @@ def calib_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     n_rep = query.shape[1] // key.shape[1]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     k = key.float().repeat_interleave(n_rep, dim=1)  # [B, H, Lk, D]
-    scores = torch.matmul(query.float(), k.transpose(2, 3)) * scale  # [B, H, Lq, Lk]
+    scores = torch.matmul(query.float() * scale, k.transpose(2, 3))  # [B, H, Lq, Lk]
     scores += _causal_bias(attention_mask, query.shape[2], key.shape[2], scores)
     probs = scores.softmax(-1)
     del scores, k
@@ -169,8 +169,8 @@ class Collector:
         if self._last_input is not None and self._last_input[0] is x:  # q/k/v and gate/up share inputs
             absmax = self._last_input[1]
         else:
-            lo, hi = torch.aminmax(x.detach().flatten(0, -2), dim=0)
-            absmax = torch.maximum(-lo, hi).float().cpu()
+            flat = x.detach().flatten(0, -2)  # [tokens, in]; amax/amin beat aminmax/abs here
+            absmax = torch.maximum(flat.amax(0), -flat.amin(0)).float().cpu()
             self._last_input = (x, absmax)
         prev = self.act_absmax.get(name)
         self.act_absmax[name] = absmax if prev is None else torch.maximum(prev, absmax)

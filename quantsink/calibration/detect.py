@@ -59,18 +59,22 @@ def leading_mass(probs: torch.Tensor, lead: int) -> torch.Tensor:
 def far_mass(probs: torch.Tensor, local_window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-key attention from queries at least ``local_window`` positions later.
 
-    probs: [B, L, L] (heads already averaged). Returns ``(mass, ratio, count)``: mass [B, L]
-    the mean share of attention, ratio [B, L] the same relative to uniform attention, and
-    count [L] the number of such queries per key.
+    probs: [B, L, L] causal (zero above the diagonal), heads already averaged. Returns
+    ``(mass, ratio, count)``: mass [B, L] the mean share of attention, ratio [B, L] the same
+    relative to uniform attention, and count [L] the number of such queries per key. Costs one
+    pass over ``probs``: column sums minus the ``local_window`` diagonals next to the main one.
     """
     seq = probs.shape[-1]
     pos = torch.arange(seq, device=probs.device)
-    far = ((pos[:, None] - pos[None, :]) >= local_window).to(probs.dtype)  # [Lq, Lk]
-    count = far.sum(0)  # [Lk]
-    denom = count.clamp(min=1)
-    mass = torch.einsum("bij,ij->bj", probs, far) / denom
-    ratio = torch.einsum("bij,ij->bj", probs, far * (pos[:, None] + 1).to(probs.dtype)) / denom
-    return mass, ratio, count
+    weights = torch.stack([torch.ones(seq, device=probs.device), (pos + 1).float()]).to(probs.dtype)
+    total = torch.matmul(weights, probs)  # [B, 2, Lk]: sum_i p[i, j] and sum_i (i + 1) p[i, j]
+    for d in range(min(local_window, seq)):
+        near = torch.diagonal(probs, offset=-d, dim1=1, dim2=2)  # [B, L - d]: p[j + d, j]
+        total[:, 0, :seq - d] -= near
+        total[:, 1, :seq - d] -= near * (pos[:seq - d] + d + 1).to(probs.dtype)
+    count = (seq - pos - local_window).clamp(min=0).to(probs.dtype)  # [Lk]
+    total = torch.where(count > 0, total.clamp(min=0), torch.zeros_like(total)) / count.clamp(min=1)
+    return total[:, 0], total[:, 1], count
 
 
 def uniform_share(seq_len: int, positions: int) -> torch.Tensor:
