@@ -143,8 +143,18 @@ def sink_decode_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.T
                           q_sink: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of :func:`quantsink.kv.attention.decode_attention_ref` (same signature).
 
-    Returns ``[B, Hq, Lq, D]`` in ``q.dtype``. Configurations the kernel does not cover
-    (key group size not a multiple of 16, more than 16 value groups per head) run the reference.
+    Returns ``[B, Hq, Lq, D]`` in ``q.dtype``.
+
+    - q: fp16 or bf16 (GPU), fp32 (exact dots); head_dim 64, 128 or 256; any GQA ratio.
+    - Body: keys/values of 2, 4 or 8 bits (independently), any group sizes the packer allows.
+    - Any length in every region (empty sinks, body or window, sinks only); ``key_mask``
+      ``[B, S]`` for per-sequence lengths; ``q_sink`` for the sink region.
+    - ``Lq > 1``: causal in the kernel (query ``i`` sees keys ``<= S - Lq + i``).
+    - Falls back to the torch reference (same result) when the key group size is not a
+      multiple of 16 or a head has more than 16 value groups.
+    - CPU tensors need ``TRITON_INTERPRET=1`` set before triton is imported (no bf16 there).
+
+    Raises :class:`~quantsink.errors.QuantsinkError` on inputs that break the contract.
     """
     return _attention(q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale, key_mask, q_sink)
 
