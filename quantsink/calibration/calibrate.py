@@ -18,7 +18,7 @@ from quantsink.data import calibration_windows
 from quantsink.errors import check
 
 # Budget for one layer's attention probabilities ([B, H, L, L] float32) per forward pass.
-_ATTN_BYTES = 64 * 2**20
+_ATTN_BYTES = 32 * 2**20
 
 
 def calibrate(model: Any, tokenizer: Any, calib: str | Path | torch.Tensor, samples: int = 16,

@@ -11,7 +11,8 @@ uniform share (plus an absolute floor), so they mean the same at 256 or 2,048 to
   content sink that happens to sit at ``p`` does not count as positional).
 * Content sink: a token id whose strongest occurrence in a window (usually its first)
   draws, from queries at least ``local_window`` tokens later, on average over the windows
-  it occurs in, ``>= content_ratio`` times the uniform share. Keys before ``content_skip``
+  it occurs in (at least ``content_min_windows``), ``>= content_ratio`` times the uniform
+  share and ``>= content_min_mass`` of the attention. Keys before ``content_skip``
   are left to the positional rule; keys with fewer than ``min_queries`` far queries are
   not scored.
 * Massive activation (Sun et al. 2024): ``|h| >= massive_ratio * median(|h|)`` over the
@@ -34,6 +35,7 @@ class Thresholds:
     pos_ratio: float = 4.0
     pos_min_windows: float = 0.5
     content_ratio: float = 10.0
+    content_min_mass: float = 0.05
     content_skip: int = 4
     local_window: int = 8
     min_queries: int = 32
@@ -153,7 +155,8 @@ def find_content_sinks(ratio_sum: torch.Tensor, mass_sum: torch.Tensor, windows:
     """
     n_windows = windows.clamp(min=1)
     ratio = ratio_sum / n_windows  # [layers, V]
-    hits = (ratio >= th.content_ratio) & (windows >= th.content_min_windows)
+    hits = (ratio >= th.content_ratio) & (mass_sum / n_windows >= th.content_min_mass)
+    hits &= windows >= th.content_min_windows
     rows = []
     for t in hits.any(0).nonzero().flatten().tolist():
         layers = hits[:, t].nonzero().flatten().tolist()
