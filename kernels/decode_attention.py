@@ -42,6 +42,24 @@ def _query_part(q_ptr, q_row, ok, qk_scale, I: tl.constexpr, PK: tl.constexpr):
 
 
 @triton.jit
+def _load_queries(q_ptr, qs_ptr, q_row, row_ok, qk_scale, D: tl.constexpr, KBITS: tl.constexpr,
+                  CDT: tl.constexpr):
+    """Unscaled q and q_sink [MR, D] in CDT (fp16 regions) and the scaled fp32 key parts of q."""
+    PK: tl.constexpr = D * KBITS // 8
+    q_off = q_row[:, None] + tl.arange(0, D)[None, :]
+    qc = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0).to(CDT)
+    qsc = tl.load(qs_ptr + q_off, mask=row_ok[:, None], other=0.0).to(CDT)
+    qv0 = _query_part(q_ptr, q_row, row_ok, qk_scale, 0, PK)
+    qv1, qv2, qv3 = qv0, qv0, qv0  # (unused parts)
+    if KBITS <= 4:
+        qv1 = _query_part(q_ptr, q_row, row_ok, qk_scale, 1, PK)
+    if KBITS == 2:
+        qv2 = _query_part(q_ptr, q_row, row_ok, qk_scale, 2, PK)
+        qv3 = _query_part(q_ptr, q_row, row_ok, qk_scale, 3, PK)
+    return qc, qsc, qv0, qv1, qv2, qv3
+
+
+@triton.jit
 def _sink_decode_attention_kernel(
         q_ptr, qs_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr, mask_ptr, mask_sb,
         sk_ptr, sv_ptr, s_sb, s_sh, s_st, wk_ptr, wv_ptr, w_sb, w_sh, w_st,
@@ -61,21 +79,11 @@ def _sink_decode_attention_kernel(
     bh, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (bh // Hkv).to(tl.int64), (bh % Hkv).to(tl.int64)  # int64: caches can exceed 2 GiB
     MR: tl.constexpr = BLOCK_M * NG
-    PK: tl.constexpr = D * KBITS // 8
     PV: tl.constexpr = D * VBITS // 8
     r = tl.arange(0, MR)
     row, gsel = pid_m * BLOCK_M + r // NG, r % NG  # query row (head-major, then Lq), value group
-    q_row, row_ok = (bh * R + row) * D, row < R
-    q_off = q_row[:, None] + tl.arange(0, D)[None, :]
-    qc = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0).to(CDT)  # unscaled, natural order
-    qsc = tl.load(qs_ptr + q_off, mask=row_ok[:, None], other=0.0).to(CDT)
-    qv0 = _query_part(q_ptr, q_row, row_ok, qk_scale, 0, PK)
-    qv1, qv2, qv3 = qv0, qv0, qv0
-    if KBITS <= 4:
-        qv1 = _query_part(q_ptr, q_row, row_ok, qk_scale, 1, PK)
-    if KBITS == 2:
-        qv2 = _query_part(q_ptr, q_row, row_ok, qk_scale, 2, PK)
-        qv3 = _query_part(q_ptr, q_row, row_ok, qk_scale, 3, PK)
+    qc, qsc, qv0, qv1, qv2, qv3 = _load_queries(q_ptr, qs_ptr, (bh * R + row) * D, row < R, qk_scale,
+                                                D, KBITS, CDT)
     limit = S0 + T + W - Lq + row % Lq  # causal: row sees keys [0, limit]
     mask_base = mask_ptr + b * mask_sb
     acc0 = tl.zeros([MR, PV], dtype=tl.float32)  # one accumulator per planar part of the values
