@@ -7,6 +7,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernel runs in the interpreter
 
 
 def tiny_llama(seed: int = 0):
@@ -16,7 +17,7 @@ def tiny_llama(seed: int = 0):
     cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=1, head_dim=64, vocab_size=128,
                       max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).eval().to(DEVICE)
 
 
 def generate(model, backend: str, prompt: torch.Tensor, new_tokens: int):
@@ -39,7 +40,7 @@ def test_generate_triton_matches_torch(monkeypatch):
     real = kern.sink_decode_attention
     monkeypatch.setattr(kern, "sink_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_llama()
-    prompt = torch.randint(1, 128, (2, 45), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(1, 128, (2, 45), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     seq_t, scores_t, _ = generate(model, "torch", prompt, 12)
     assert calls == []
     seq_k, scores_k, cache = generate(model, "triton", prompt, 12)
