@@ -52,15 +52,23 @@ def test_compiles_for_sm90():
     res = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=170)
     if "NO_NVIDIA_BACKEND" in res.stdout:
         pytest.skip("triton has no NVIDIA backend here")
+    if "OTHER_TRITON_API" in res.stdout:
+        pytest.skip("this triton's ASTSource differs from the one written for (triton 3.9)")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("compiled") == len(CONFIGS), res.stdout
 
 
 if __name__ == "__main__":
+    import inspect
+
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.compiler import ASTSource
     except ImportError:
         print("NO_NVIDIA_BACKEND")
+        sys.exit(0)
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        print("OTHER_TRITON_API")
         sys.exit(0)
     for cfg in CONFIGS:
         print("compiled", cfg, "shared bytes", compile_for_sm90(*cfg))
