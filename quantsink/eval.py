@@ -3,6 +3,13 @@
 Protocol Q: the first ``max_tokens`` tokens of a corpus, cut into non-overlapping windows
 of ``ctx`` tokens; every window is scored on all its tokens but the first; the result is
 ``exp(total NLL / scored tokens)``.
+
+KV-faithful mode (``kv=KVConfig``): every window runs through a fresh
+:class:`~quantsink.kv.cache.SinkQuantCache` in one forward pass. The cache's chunk
+attention gives query ``t`` exactly the cache that token-by-token generation would hold at
+time ``t`` (quantized body, fp16 sinks, fp16 window with the same flush schedule), so the
+teacher-forced perplexity is the perplexity of generation. ``kv_avg_bits`` is the mean over
+windows of the bits held per K/V element at the end of the window, everything counted.
 """
 from __future__ import annotations
 
@@ -14,25 +21,46 @@ from tqdm import tqdm
 
 
 @torch.no_grad()
-def window_nll(model: Any, window: torch.Tensor) -> tuple[float, int]:
+def window_nll(model: Any, window: torch.Tensor, cache: Any = None) -> tuple[float, int]:
     """Summed next-token NLL of one window ``[L]`` and the number of scored tokens."""
     ids = window[None].to(model.device)
-    logits = model(ids, use_cache=False).logits[0, :-1].float()  # [L-1, V]
+    if cache is None:
+        logits = model(ids, use_cache=False).logits[0, :-1].float()  # [L-1, V]
+    else:
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
     return nll.item(), ids.shape[1] - 1
 
 
 def perplexity(model: Any, tokens: torch.Tensor, ctx: int = 2048, progress: bool = True,
-               desc: str = "ppl") -> dict:
-    """Perplexity of ``model`` on 1-D ``tokens`` in windows of ``ctx``; returns ``{"ppl", "tokens"}``.
+               desc: str = "ppl", kv: Any = None, sink_map: Any = None) -> dict:
+    """Perplexity of ``model`` on 1-D ``tokens`` in windows of ``ctx``.
 
+    Returns ``{"ppl", "tokens", "kv_avg_bits"}``. ``kv``: a KVConfig (or anything
+    :meth:`SinkQuantCache.from_recipe` accepts) for the KV-faithful mode; without it the
+    model's own fp cache is used and ``kv_avg_bits`` is the bit width of the model dtype.
     A trailing partial window shorter than ``ctx`` is dropped.
     """
     n_windows = tokens.numel() // ctx
     if n_windows == 0:
         raise ValueError(f"need at least {ctx} tokens for one window, got {tokens.numel()}")
-    total, count = 0.0, 0
+    make_cache = _cache_factory(model, kv, sink_map)
+    total, count, bits = 0.0, 0, []
     for i in tqdm(range(n_windows), desc=desc, disable=not progress, leave=False):
-        nll, n = window_nll(model, tokens[i * ctx:(i + 1) * ctx])
+        cache = make_cache() if make_cache else None
+        nll, n = window_nll(model, tokens[i * ctx:(i + 1) * ctx], cache)
         total, count = total + nll, count + n
-    return {"ppl": math.exp(total / count), "tokens": n_windows * ctx}
+        bits.append(cache.avg_bits() if cache is not None else 8.0 * model.dtype.itemsize)
+    return {"ppl": math.exp(total / count), "tokens": n_windows * ctx,
+            "kv_avg_bits": sum(bits) / len(bits)}
+
+
+def _cache_factory(model: Any, kv: Any, sink_map: Any):
+    if kv is None:
+        return None
+    from quantsink.kv.cache import SinkQuantCache, resolve_kv_config
+
+    config = resolve_kv_config(kv)
+    SinkQuantCache.from_recipe(model, config, sink_map=sink_map)  # attaches the model once
+    layers = model.config.get_text_config().num_hidden_layers
+    return lambda: SinkQuantCache(config, layers, sink_map=sink_map, backend="torch")

@@ -25,6 +25,8 @@ class KVConfig:
     window: int = 128
     content_sinks: bool = False
     max_cache_tokens: int | None = None
+    rotate: bool = False
+    clip: bool = False
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -35,10 +37,13 @@ class KVConfig:
             g = getattr(self, name)
             check(g > 0, f"kv_cache.{name} must be a positive integer, got {g}")
         check(self.num_sinks >= 0, f"kv_cache.num_sinks must be >= 0, got {self.num_sinks}")
+        check(self.window >= 0, f"kv_cache.window must be >= 0, got {self.window}")
         check(self.window == 0 or self.window >= self.key_group_size,
               f"kv_cache.window={self.window} is shorter than one key group "
               f"({self.key_group_size}); allowed: 0 or >= key_group_size")
+        check(not self.content_sinks, "kv_cache.content_sinks=true is not supported yet; allowed: false")
         if self.max_cache_tokens is not None:
-            check(self.max_cache_tokens > self.num_sinks + self.window,
-                  f"kv_cache.max_cache_tokens={self.max_cache_tokens} must exceed "
-                  f"num_sinks + window = {self.num_sinks + self.window}")
+            need = self.num_sinks + self.window + self.key_group_size
+            check(self.max_cache_tokens >= need,
+                  f"kv_cache.max_cache_tokens={self.max_cache_tokens} cannot hold num_sinks + window + "
+                  f"one key group = {need}; allowed: >= {need}")

@@ -45,15 +45,45 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def _minmax_quant(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, ...]:
-    """Asymmetric min/max quantization along ``dim``; returns codes, fp16 scale, fp16 zero."""
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+def _quant_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 bits: int) -> tuple[torch.Tensor, ...]:
+    """Codes, fp16 scale and fp16 zero for the range ``[lo, hi]`` (broadcast against ``x``)."""
     qmax = (1 << bits) - 1
-    lo = x.amin(dim=dim, keepdim=True).to(torch.float16)
-    hi = x.amax(dim=dim, keepdim=True)
+    lo = lo.to(torch.float16)
     scale = ((hi - lo.float()) / qmax).to(torch.float16)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     codes = torch.round((x.float() - lo.float()) / scale.float()).clamp_(0, qmax).to(torch.uint8)
     return codes, scale, lo
+
+
+def _minmax_quant(x: torch.Tensor, dim: int, bits: int, clip: bool = False) -> tuple[torch.Tensor, ...]:
+    """Asymmetric quantization along ``dim``; returns codes, fp16 scale, fp16 zero.
+
+    ``clip=False``: the range is the group min/max. ``clip=True``: the range is the min/max
+    shrunk by the ratio of :data:`CLIP_RATIOS` with the least squared error per group (the
+    stored format is unchanged, so kernels need not know).
+    """
+    x = x.float()
+    lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    best = _quant_range(x, lo, hi, bits)
+    if not clip:
+        return best
+    best_err = _group_error(x, best, dim)
+    for r in CLIP_RATIOS[1:]:
+        cand = _quant_range(x, lo * r, hi * r, bits)
+        err = _group_error(x, cand, dim)
+        better = err < best_err  # [..., 1, ...] per group
+        best = tuple(torch.where(better, c, b) for c, b in zip(cand, best))
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
+def _group_error(x: torch.Tensor, q: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
+    codes, scale, zero = q
+    return (codes.float() * scale.float() + zero.float() - x).square().sum(dim=dim, keepdim=True)
 
 
 @dataclass
@@ -79,26 +109,27 @@ class PackedBlock:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
-def quantize_keys(k: torch.Tensor, bits: int, group_size: int) -> PackedBlock:
+def quantize_keys(k: torch.Tensor, bits: int, group_size: int, clip: bool = False) -> PackedBlock:
     """Quantize keys ``[B, H, T, D]`` per channel in groups of ``group_size`` tokens.
 
     ``T`` must be a multiple of ``group_size`` (the cache flushes whole groups).
+    ``clip``: search a per-group clipping ratio (see :func:`_minmax_quant`).
     """
     B, H, T, D = k.shape
     check(T % group_size == 0, f"key tokens {T} must be a multiple of the group size {group_size}")
     grouped = k.reshape(B, H, T // group_size, group_size, D)  # [B, H, T/G, G, D]
-    codes, scale, zero = _minmax_quant(grouped, dim=3, bits=bits)
+    codes, scale, zero = _minmax_quant(grouped, dim=3, bits=bits, clip=clip)
     codes = codes.reshape(B, H, T, D)
     return PackedBlock(pack(codes, bits), scale.squeeze(3), zero.squeeze(3), bits, group_size, "token")
 
 
-def quantize_values(v: torch.Tensor, bits: int, group_size: int) -> PackedBlock:
+def quantize_values(v: torch.Tensor, bits: int, group_size: int, clip: bool = False) -> PackedBlock:
     """Quantize values ``[B, H, T, D]`` per token in groups of ``group_size`` channels."""
     B, H, T, D = v.shape
     group_size = min(group_size, D)
     check(D % group_size == 0, f"head_dim {D} must be a multiple of the value group size {group_size}")
     grouped = v.reshape(B, H, T, D // group_size, group_size)  # [B, H, T, D/G, G]
-    codes, scale, zero = _minmax_quant(grouped, dim=4, bits=bits)
+    codes, scale, zero = _minmax_quant(grouped, dim=4, bits=bits, clip=clip)
     codes = codes.reshape(B, H, T, D)
     return PackedBlock(pack(codes, bits), scale.squeeze(4), zero.squeeze(4), bits, group_size, "channel")
 
@@ -122,3 +153,15 @@ def cat_blocks(a: PackedBlock | None, b: PackedBlock) -> PackedBlock:
         return b
     return PackedBlock(torch.cat([a.codes, b.codes], 2), torch.cat([a.scale, b.scale], 2),
                        torch.cat([a.zero, b.zero], 2), a.bits, a.group_size, a.axis)
+
+
+def slice_block(block: PackedBlock, start: int, stop: int) -> PackedBlock:
+    """Tokens ``[start, stop)`` of ``block`` (for keys both must be multiples of the group size)."""
+    if block.axis == "token":
+        g = block.group_size
+        check(start % g == 0 and stop % g == 0, f"key slice [{start}, {stop}) is not group aligned ({g})")
+        s_lo, s_hi = start // g, stop // g
+    else:
+        s_lo, s_hi = start, stop
+    return PackedBlock(block.codes[:, :, start:stop], block.scale[:, :, s_lo:s_hi],
+                       block.zero[:, :, s_lo:s_hi], block.bits, block.group_size, block.axis)

@@ -1,0 +1,175 @@
+"""One layer of :class:`~quantsink.kv.cache.SinkQuantCache`: fp16 sinks, packed body, fp16 window.
+
+Flush schedule (the same for generation, chunked prefill and teacher-forced evaluation):
+after token ``t`` is appended, while the window holds at least ``window + G`` tokens its
+oldest ``G`` tokens are quantized into the body (``G`` = ``key_group_size``). So token
+``t`` already sees a group that its own arrival completed as quantized, and every token is
+quantized exactly once. StreamingLLM (``max_cache_tokens = M``): after the flush, while
+more than ``M`` tokens are held, the oldest body group is evicted (sinks never are).
+
+``update`` applies a whole chunk of ``L`` tokens at once but records, per flushed token,
+the time it was flushed and, per evicted group, the time it was evicted; the attention of
+that chunk uses them so that query ``t`` sees exactly the cache of token-by-token decoding.
+Evictions are applied by :meth:`SinkQuantLayer.finish` after the chunk's attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from quantsink.errors import QuantsinkError
+from quantsink.kv.config import KVConfig
+from quantsink.kv.primitives import (PackedBlock, cat_blocks, quantize_keys, quantize_values,
+                                     slice_block)
+
+NEVER = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class Step:
+    """What the last ``update`` did, for the attention of that chunk (transient)."""
+
+    q_pos: torch.Tensor  # [L] absolute positions of the chunk's tokens (the queries)
+    flushed_k: torch.Tensor | None  # fp16 [B, H, F*G, D]: the tokens flushed in this chunk
+    flushed_v: torch.Tensor | None
+    flush_time: torch.Tensor  # [F*G] query positions >= this see the quantized version
+    evict_time: torch.Tensor  # [E] per evicted group: query positions >= this do not see it
+    evicted_before: int  # non-sink tokens evicted before this chunk
+
+
+class SinkQuantLayer(CacheLayerMixin):
+    """Three-region KV storage of one attention layer (tensors ``[B, Hkv, T, D]``)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: KVConfig) -> None:
+        super().__init__()
+        self.cfg = config
+        self.sink_set: list[int] = []
+        self.sink_pos: list[int] = []
+        self.seen = 0  # tokens seen, evicted included (get_seq_length)
+        self.n_nonsink = 0
+        self.evicted = 0  # oldest non-sink tokens dropped (StreamingLLM)
+        self.sink_k = self.sink_v = self.win_k = self.win_v = None
+        self.body_k: PackedBlock | None = None
+        self.body_v: PackedBlock | None = None
+        self.step: Step | None = None
+
+    def set_sinks(self, positions: list[int]) -> None:
+        """Absolute positions kept in fp16 (call before the first update)."""
+        self.sink_set = sorted(set(int(p) for p in positions))
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.store_dtype = torch.bfloat16 if key_states.dtype == torch.bfloat16 else torch.float16
+        empty = key_states[:, :, :0].to(self.store_dtype)
+        self.sink_k, self.sink_v, self.win_k, self.win_v = empty, empty, empty, empty
+        self.is_initialized = True
+
+    # -- update ------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, H, L, D]`` keys/values (flushes and evictions are scheduled)."""
+        self.finish()
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        L = key_states.shape[2]
+        pos = torch.arange(self.seen, self.seen + L)
+        is_sink = torch.isin(pos, torch.tensor(self.sink_set, dtype=torch.long))
+        kept_before = self.num_held()
+        sd = self.store_dtype
+        if bool(is_sink.any()):
+            idx = is_sink.nonzero()[:, 0].to(key_states.device)
+            self.sink_k = torch.cat([self.sink_k, key_states.index_select(2, idx).to(sd)], 2)
+            self.sink_v = torch.cat([self.sink_v, value_states.index_select(2, idx).to(sd)], 2)
+            self.sink_pos += pos[is_sink].tolist()
+        idx = (~is_sink).nonzero()[:, 0]
+        new_times = pos[idx]
+        w0 = self.win_k.shape[2]
+        self.win_k = torch.cat([self.win_k, key_states.index_select(2, idx.to(key_states.device)).to(sd)], 2)
+        self.win_v = torch.cat([self.win_v, value_states.index_select(2, idx.to(key_states.device)).to(sd)], 2)
+        self.n_nonsink += idx.numel()
+        self.step = Step(pos, None, None, torch.empty(0, dtype=torch.long),
+                         self._evictions(kept_before, L), self.evicted)
+        self._flush(w0, new_times)
+        self.seen += L
+        return key_states, value_states
+
+    def _flush(self, w0: int, new_times: torch.Tensor) -> None:
+        R, G = self.cfg.window, self.cfg.key_group_size
+        n_groups = max(0, (self.win_k.shape[2] - R) // G)
+        if n_groups == 0:
+            return
+        n = R + G * torch.arange(1, n_groups + 1) - w0  # 1-based index of the triggering token
+        cfg, k, v = self.cfg, self.win_k[:, :, :n_groups * G], self.win_v[:, :, :n_groups * G]
+        bk = quantize_keys(k.float(), cfg.key_bits, G, clip=cfg.clip)
+        bv = quantize_values(v.float(), cfg.value_bits, cfg.value_group_size, clip=cfg.clip)
+        self.body_k, self.body_v = cat_blocks(self.body_k, bk), cat_blocks(self.body_v, bv)
+        self.win_k, self.win_v = self.win_k[:, :, n_groups * G:], self.win_v[:, :, n_groups * G:]
+        self.step.flushed_k, self.step.flushed_v = k, v
+        self.step.flush_time = new_times[n - 1].repeat_interleave(G)
+
+    def _evictions(self, kept_before: int, L: int) -> torch.Tensor:
+        """Times at which the oldest body groups leave the cache during this chunk."""
+        M, G = self.cfg.max_cache_tokens, self.cfg.key_group_size
+        if M is None or kept_before + L <= M:
+            return torch.empty(0, dtype=torch.long)
+        n_evict = -(-(kept_before + L - M) // G)
+        return self.seen + (M - kept_before) + G * torch.arange(n_evict)
+
+    def finish(self) -> None:
+        """Apply the evictions of the last chunk and drop its transient data."""
+        step, self.step = self.step, None
+        if step is None or step.evict_time.numel() == 0:
+            return
+        drop = step.evict_time.numel() * self.cfg.key_group_size
+        n_body = self.body_k.num_tokens if self.body_k is not None else 0
+        if n_body < drop:
+            raise QuantsinkError(f"kv_cache.max_cache_tokens={self.cfg.max_cache_tokens} is too small for "
+                                 f"{len(self.sink_pos)} sinks + window; allowed: a larger cache")
+        self.body_k = slice_block(self.body_k, drop, n_body)
+        self.body_v = slice_block(self.body_v, drop, n_body)
+        self.evicted += drop
+
+    # -- views -------------------------------------------------------------------------
+    def num_held(self) -> int:
+        """Tokens held now (sinks + body + window)."""
+        if not self.is_initialized:
+            return 0
+        body = self.body_k.num_tokens if self.body_k is not None else 0
+        return self.sink_k.shape[2] + body + self.win_k.shape[2]
+
+    def nonsink_positions(self, start: int, stop: int) -> torch.Tensor:
+        """Absolute positions of the non-sink tokens with indices ``[start, stop)``."""
+        pos = torch.arange(start, stop)
+        for s in self.sink_set:  # ascending: shift past every sink at or before
+            pos = pos + (pos >= s).long()
+        return pos
+
+    def positions(self) -> torch.Tensor:
+        """Positions of the held keys in region order: sinks, body, window."""
+        n_body = self.body_k.num_tokens if self.body_k is not None else 0
+        body_win = self.nonsink_positions(self.evicted, self.evicted + n_body + self.win_k.shape[2])
+        return torch.cat([torch.tensor(self.sink_pos, dtype=torch.long), body_win])
+
+    def nbytes(self) -> int:
+        """Bytes of the persistent tensors (sinks, body codes/scales/zeros, window)."""
+        if not self.is_initialized:
+            return 0
+        total = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
+        return total + sum(b.nbytes() for b in (self.body_k, self.body_v) if b is not None)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1 if self.cfg.max_cache_tokens is None else self.cfg.max_cache_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def reset(self) -> None:
+        self.__init__(self.cfg)

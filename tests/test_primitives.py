@@ -1,0 +1,85 @@
+"""Property tests of the packed KV primitives (the spec the Triton kernel follows)."""
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantsink.kv.primitives import (cat_blocks, dequantize, pack, quantize_keys, quantize_values,
+                                     slice_block, unpack)
+
+BITS = st.sampled_from([2, 4, 8])
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=BITS, rows=st.integers(1, 5), per_row=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(bits: int, rows: int, per_row: int, seed: int) -> None:
+    D = per_row * (8 // bits)
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (rows, D), generator=gen, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape == (rows, D * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+def test_planar_layout_documented() -> None:
+    """Byte j holds code i * P + j at bits [i * bits, (i + 1) * bits)."""
+    codes = torch.tensor([[1, 2, 3, 0, 3, 2, 1, 0]], dtype=torch.uint8)  # int2: P = 2 bytes
+    packed = pack(codes, 2)
+    # byte 0: codes 0, 2, 4, 6 = 1, 3, 3, 1; byte 1: codes 1, 3, 5, 7 = 2, 0, 2, 0
+    assert packed.tolist() == [[1 | 3 << 2 | 3 << 4 | 1 << 6, 2 | 0 << 2 | 2 << 4 | 0 << 6]]
+    nib = pack(torch.tensor([[5, 9, 12, 3]], dtype=torch.uint8), 4)
+    assert nib.tolist() == [[5 | 12 << 4, 9 | 3 << 4]]
+
+
+def _bound(block, x: torch.Tensor) -> torch.Tensor:
+    """scale / 2 per element, broadcast to ``x`` (plus fp16 rounding of the zero)."""
+    B, H, T, D = x.shape
+    if block.axis == "token":
+        s = block.scale.float().repeat_interleave(block.group_size, dim=2)
+    else:
+        s = block.scale.float().repeat_interleave(block.group_size, dim=3)
+    return s / 2 + 1e-3 * x.abs().amax() + 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=BITS, groups=st.integers(1, 3), g=st.sampled_from([8, 16, 32]),
+       heads=st.integers(1, 3), scale=st.floats(0.01, 50.0), seed=st.integers(0, 2**16))
+def test_key_error_bound(bits: int, groups: int, g: int, heads: int, scale: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(2, heads, groups * g, 16, generator=gen) * scale
+    block = quantize_keys(k, bits, g)
+    assert block.scale.shape == (2, heads, groups, 16)
+    err = (dequantize(block) - k).abs()
+    assert bool((err <= _bound(block, k)).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=BITS, tokens=st.integers(1, 20), g=st.sampled_from([8, 16, 32]),
+       scale=st.floats(0.01, 50.0), seed=st.integers(0, 2**16))
+def test_value_error_bound(bits: int, tokens: int, g: int, scale: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, 2, tokens, 32, generator=gen) * scale
+    block = quantize_values(v, bits, g)
+    assert block.scale.shape == (1, 2, tokens, 32 // g)
+    err = (dequantize(block) - v).abs()
+    assert bool((err <= _bound(block, v)).all())
+
+
+def test_clip_search_never_worse_than_minmax() -> None:
+    k = torch.randn(1, 2, 64, 32) * torch.linspace(0.1, 5, 32)
+    k[0, 0, 3, 5] = 40.0  # an outlier makes min/max wasteful
+    plain = (dequantize(quantize_keys(k, 2, 32)) - k).square().sum()
+    clipped = (dequantize(quantize_keys(k, 2, 32, clip=True)) - k).square().sum()
+    assert clipped < plain
+
+
+def test_cat_and_slice_blocks_match_whole() -> None:
+    k = torch.randn(1, 2, 96, 16)
+    whole = quantize_keys(k, 4, 32)
+    parts = cat_blocks(quantize_keys(k[:, :, :32], 4, 32), quantize_keys(k[:, :, 32:], 4, 32))
+    assert torch.equal(dequantize(parts), dequantize(whole))
+    tail = slice_block(whole, 32, 96)
+    assert torch.equal(dequantize(tail), dequantize(whole)[:, :, 32:])
+    v = quantize_values(k, 2, 8)
+    assert torch.equal(dequantize(slice_block(v, 5, 50)), dequantize(v)[:, :, 5:50])
