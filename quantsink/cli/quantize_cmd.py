@@ -1,15 +1,71 @@
-"""`quantsink quantize` (placeholder until implemented)."""
+"""`quantsink quantize`: quantize a model with a recipe and export a checkpoint directory.
+
+    quantsink quantize [--model M] --recipe NAME|file.yaml [--calib PATH]
+                       [--calibration ARTIFACT] --out DIR [--force] [--eval PATH]
+"""
 from __future__ import annotations
 
 import argparse
+import time
 
-from quantsink.errors import QuantsinkError
+from quantsink.cli.common import add_calib_args, add_model_arg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("quantize", help="not implemented yet")
+    p = subparsers.add_parser("quantize", help="quantize a model with a recipe and export it",
+                              description="Quantize a model (weights and/or KV cache recipe) and "
+                                          "write a checkpoint that from_pretrained reloads.")
+    add_model_arg(p)
+    p.add_argument("--recipe", required=True, help="recipe name (e.g. int4-sink) or a YAML file")
+    add_calib_args(p)
+    p.add_argument("--calibration", default=None,
+                   help="a calibration artifact directory (from `quantsink calibrate`)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--eval", default=None, metavar="PATH",
+                   help="text to measure perplexity on before and after quantization")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="tokens of --eval (default 65536)")
+    p.add_argument("--eval-ctx", type=int, default=2048, help="window length for --eval (default 2048)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
 
+def _ppl(model, ids, ctx: int, progress: bool, desc: str) -> float:
+    from quantsink.eval import perplexity
+
+    return perplexity(model, ids, ctx, progress=progress, desc=desc)["ppl"]
+
+
 def run(args: argparse.Namespace) -> int:
-    raise QuantsinkError("'quantize' is not implemented yet")
+    from quantsink.config import load_recipe
+    from quantsink.data import eval_tokens
+    from quantsink.errors import check
+    from quantsink.models import load_model
+    from quantsink.weights.api import needs_calibration, quantize
+    from quantsink.weights.export import check_out_dir, export
+    from quantsink.weights.summary import build_report, format_summary
+
+    check_out_dir(args.out, args.force)  # before any heavy work
+    recipe = load_recipe(args.recipe)
+    check(not needs_calibration(recipe) or args.calib or args.calibration,
+          f"recipe {recipe.name!r} needs calibration data; allowed: --calib PATH (a text file or "
+          "dataset name) or --calibration ARTIFACT")
+    check(args.eval_tokens >= args.eval_ctx, f"--eval-tokens={args.eval_tokens} is shorter than "
+                                             f"--eval-ctx={args.eval_ctx}; allowed: >= --eval-ctx")
+    progress = not args.quiet
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    ids = eval_tokens(tok, args.eval, args.eval_tokens) if args.eval else None
+    ppl_before = _ppl(model, ids, args.eval_ctx, progress, "ppl fp") if ids is not None else None
+    t1 = time.perf_counter()
+    quantize(model, recipe, calib=args.calib, calibration=args.calibration, tokenizer=tok,
+             progress=progress, samples=args.calib_samples, seq_len=args.calib_seq_len,
+             seed=args.seed)
+    seconds = time.perf_counter() - t1
+    ppl_after = _ppl(model, ids, args.eval_ctx, progress, "ppl quant") if ids is not None else None
+    n_eval = None if ids is None else ids.numel()
+    report = build_report(model, recipe, ppl_before, ppl_after, n_eval)
+    out = export(model, tok, args.out, recipe, report=report, force=args.force)
+    print(format_summary(report, out, time.perf_counter() - t0))
+    print(f"quantization (calibration included) took {seconds:.1f} s")
+    return 0

@@ -8,6 +8,7 @@ from quantsink.errors import check
 SUPPORTED_WEIGHT_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_ALGORITHMS = ("rtn", "gptq")
+SUPPORTED_OUTLIER_SCORES = ("absmax_x_norm", "absmax")
 
 
 @dataclass
@@ -15,7 +16,11 @@ class WeightConfig:
     """Group-wise weight quantization of the decoder's Linear layers.
 
     Groups run along the input channels (a partial last group is allowed).
-    ``outlier_channels`` input channels per layer are kept in fp16.
+    ``outlier_channels`` input channels per layer are kept in fp16, chosen by
+    ``outlier_score`` from calibration statistics; ``massive_outliers`` forces the
+    model's massive-activation channels among them. ``clip_search`` picks each group's
+    range by a small MSE grid search (``clip_grid`` shrink steps down to ``min_clip``).
+    GPTQ uses ``damp`` × mean(diag H) as Tikhonov damping and ``act_order`` (static groups).
     """
 
     bits: int = 4
@@ -23,6 +28,13 @@ class WeightConfig:
     symmetric: bool = False
     algorithm: str = "gptq"
     outlier_channels: int = 32
+    outlier_score: str = "absmax_x_norm"
+    massive_outliers: bool = True
+    clip_search: bool = True
+    clip_grid: int = 10
+    min_clip: float = 0.75
+    damp: float = 0.01
+    act_order: bool = False
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
     def __post_init__(self) -> None:
@@ -36,3 +48,10 @@ class WeightConfig:
               f"allowed: {list(SUPPORTED_ALGORITHMS)}")
         check(self.outlier_channels >= 0,
               f"weights.outlier_channels must be >= 0, got {self.outlier_channels}")
+        check(self.outlier_score in SUPPORTED_OUTLIER_SCORES,
+              f"weights.outlier_score={self.outlier_score!r} is not supported; "
+              f"allowed: {list(SUPPORTED_OUTLIER_SCORES)}")
+        check(self.clip_grid >= 1, f"weights.clip_grid must be >= 1, got {self.clip_grid}")
+        check(0.0 < self.min_clip <= 1.0,
+              f"weights.min_clip must be in (0, 1], got {self.min_clip}")
+        check(0.0 < self.damp < 1.0, f"weights.damp must be in (0, 1), got {self.damp}")

@@ -1,0 +1,163 @@
+"""Public verbs: ``quantize(model, recipe, calib=...)`` and ``load(dir)``.
+
+``quantize`` draws calibration windows, runs the calibration of
+:mod:`quantsink.calibration` (sink map, massive activations) when it is available,
+replaces every decoder Linear by a :class:`~quantsink.weights.linear.QuantLinear` layer by
+layer, rounds the remaining floating-point tensors to fp16 (the precision they are
+exported in, so the exported checkpoint reproduces the in-memory model exactly), and
+records everything in ``model.config.quantization_config``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsink.config import Recipe, load_recipe, to_dict
+from quantsink.errors import QuantsinkError, check
+from quantsink.weights.layer import make_group_quantizer, static_groups
+from quantsink.weights.sequential import quantize_layers
+
+QUANT_VERSION = 1
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    """True when the weight section needs activation statistics (GPTQ or outlier channels)."""
+    w = recipe.weights
+    return w is not None and (w.algorithm == "gptq" or w.outlier_channels > 0)
+
+
+def _windows(calib: Any, tokenizer: Any, recipe: Recipe, samples: int | None,
+             seq_len: int | None, seed: int | None) -> torch.Tensor | None:
+    """Calibration windows ``[N, L]`` from a tensor, a path or a dataset name (None when absent)."""
+    if calib is None:
+        return None
+    if isinstance(calib, torch.Tensor):
+        check(calib.dim() == 2 and not calib.is_floating_point(),
+              f"calib tensor must be integer token ids [N, L], got {tuple(calib.shape)} {calib.dtype}")
+        return calib.long()
+    check(tokenizer is not None, "calib is text, so quantize() needs tokenizer=...")
+    from quantsink.data import calibration_windows
+
+    c = recipe.calibration
+    return calibration_windows(tokenizer, calib, samples or c.samples, seq_len or c.seq_len,
+                               c.seed if seed is None else seed)
+
+
+def _calibration(model: Any, tokenizer: Any, windows: torch.Tensor | None, calibration: Any,
+                 progress: bool) -> Any:
+    """A ``CalibrationResult`` from an object, an artifact dir, or a fresh run (None if unavailable)."""
+    if calibration is not None and not isinstance(calibration, (str, Path)):
+        return calibration
+    if importlib.util.find_spec("quantsink.calibration") is None:
+        return None
+    try:
+        from quantsink.calibration import CalibrationResult, calibrate
+    except ImportError:  # the calibration package is not written yet
+        check(calibration is None, "--calibration needs quantsink.calibration, which is not available")
+        return None
+    if calibration is not None:
+        path = Path(calibration)
+        check(path.is_dir(), f"calibration artifact {str(path)!r} is not a directory; allowed: a "
+                             "directory written by CalibrationResult.save")
+        return CalibrationResult.load(path)
+    if windows is None:
+        return None
+    return calibrate(model, tokenizer, windows, samples=windows.shape[0],
+                     seq_len=windows.shape[1], progress=progress)
+
+
+def massive_channels(cal: Any) -> list[int]:
+    """Residual channels the calibration flagged as massive activations (sorted, unique)."""
+    if cal is None:
+        return []
+    return sorted({int(m["channel"]) for m in getattr(cal, "massive", [])})
+
+
+@torch.no_grad()
+def round_float_tensors_to_fp16(model: nn.Module) -> None:
+    """Round every floating parameter to the fp16 grid (dtype kept); buffers such as RoPE's
+    ``inv_freq`` are not saved, so they stay exact."""
+    for t in model.parameters():
+        if t.is_floating_point() and t.dtype != torch.float16 and t.numel() > 1:
+            t.copy_(t.half().to(t.dtype))
+
+
+def _quant_config(recipe: Recipe, cal: Any, modules: list[str]) -> Any:
+    from quantsink.weights.hf_quantizer import QuantsinkConfig
+
+    sink_map = getattr(cal, "sink_map", None)
+    return QuantsinkConfig(
+        version=QUANT_VERSION,
+        weights=None if recipe.weights is None else to_dict(recipe.weights),
+        kv_cache=None if recipe.kv_cache is None else to_dict(recipe.kv_cache),
+        sink_map=None if sink_map is None else sink_map.to_dict(),
+        modules=modules, recipe=recipe.name)
+
+
+def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None,
+             tokenizer: Any = None, progress: bool = True, *, samples: int | None = None,
+             seq_len: int | None = None, seed: int | None = None) -> Any:
+    """Quantize ``model`` in place following ``recipe`` and return it.
+
+    ``calib``: a LongTensor ``[N, L]`` of windows, or a text path / dataset name (needs
+    ``tokenizer``); ``calibration``: a ``CalibrationResult`` or a directory saved from one.
+    ``samples``/``seq_len``/``seed`` override the recipe's calibration section.
+    The per-module report is left in ``model.quantsink_report``.
+    """
+    recipe = load_recipe(recipe)
+    check(not getattr(model, "quantsink_report", None), "this model is already quantized")
+    windows = _windows(calib, tokenizer, recipe, samples, seq_len, seed)
+    cal = _calibration(model, tokenizer, windows, calibration, progress)
+    wcfg = recipe.weights
+    if needs_calibration(recipe) and windows is None:
+        stats = getattr(cal, "stats", None) or {}
+        check(wcfg.algorithm == "rtn" and any(k.startswith("act_absmax/") for k in stats),
+              f"recipe {recipe.name!r} (weights.algorithm={wcfg.algorithm}, outlier_channels="
+              f"{wcfg.outlier_channels}) needs calibration data; allowed: --calib PATH (or calib=...), "
+              "or --calibration ARTIFACT for rtn recipes")
+    reports: list[dict] = []
+    if wcfg is not None:
+        group_q = make_group_quantizer(wcfg, massive_channels(cal), _hidden_size(model))
+        static = static_groups(cal) if windows is None else None
+        reports = quantize_layers(model, windows, group_q, static_stats=static,
+                                  hessian=wcfg.algorithm == "gptq", progress=progress)
+    round_float_tensors_to_fp16(model)
+    model.config.quantization_config = _quant_config(recipe, cal, [r["name"] for r in reports])
+    model.quantsink_report = {"modules": reports, "massive_channels": massive_channels(cal),
+                              "calibration_windows": None if windows is None else list(windows.shape)}
+    model.quantsink_calibration = cal
+    from quantsink.weights.hf_quantizer import attach_kv_generate
+
+    attach_kv_generate(model)
+    return model
+
+
+quantize_ = quantize
+
+
+def _hidden_size(model: Any) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(cfg.hidden_size)
+
+
+def load(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """Load a quantsink checkpoint directory: ``(model, tokenizer)`` with ``QuantLinear`` layers.
+
+    ``model.generate`` builds the checkpoint's sink-aware KV cache when no
+    ``past_key_values`` is passed (see :mod:`quantsink.weights.hf_quantizer`).
+    """
+    import quantsink.weights.hf_quantizer  # noqa: F401  (registers the quantizer)
+    from quantsink.models import load_model
+
+    path = Path(path)
+    check(path.is_dir() and (path / "config.json").is_file(),
+          f"{str(path)!r} is not a checkpoint directory; allowed: a directory written by quantsink quantize")
+    model, tok = load_model(str(path), device=device)
+    if getattr(model, "quantization_method", None) != "quantsink":
+        raise QuantsinkError(f"{str(path)!r} is not a quantsink checkpoint (no quantization_config "
+                             "with quant_method 'quantsink')")
+    return model, tok

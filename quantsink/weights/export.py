@@ -1,0 +1,136 @@
+"""Writing a quantized model as a Hugging Face checkpoint directory.
+
+Layout of ``out/``: ``model-0000i-of-0000n.safetensors`` shards and
+``model.safetensors.index.json``; ``config.json`` carrying ``quantization_config``
+(``quant_method: "quantsink"``); ``generation_config.json``; the tokenizer files; and
+``quantsink_report.json``. Floating tensors outside ``QuantLinear`` are stored in fp16
+(``quantize`` has already rounded them, so nothing changes). Tied weights are stored once.
+Everything is written into a hidden sibling directory that is renamed into place at the
+end: an exception halfway leaves no partial ``out/``. No timestamps are written, so the
+same model gives byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from quantsink.errors import QuantsinkError, check
+
+SHARD_BYTES = 64 * 2**20
+
+
+def check_out_dir(out: str | Path, force: bool) -> Path:
+    """Validate the output path before any work: not a file; not an existing dir unless ``force``."""
+    out = Path(out)
+    check(not (out.exists() and not out.is_dir()),
+          f"--out {str(out)!r} is an existing file; allowed: a new directory, or an existing "
+          "directory with --force")
+    check(not out.exists() or force, f"--out {str(out)!r} already exists; allowed: a new directory, "
+                                     "or --force to replace it")
+    check(out.parent.exists() if str(out.parent) else True,
+          f"the parent directory of --out {str(out)!r} does not exist; allowed: an existing parent")
+    return out
+
+
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors to save: state dict, tied duplicates removed, floats other than fp16 -> fp16."""
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen and t.numel() > 0:
+            continue  # a tied weight (lm_head = embed_tokens)
+        seen.add(t.data_ptr())
+        if t.is_floating_point() and t.dtype != torch.float16:
+            t = t.half()
+        tensors[name] = t.detach().cpu().contiguous()
+    return tensors
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    return shards
+
+
+def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int = SHARD_BYTES) -> int:
+    """Write sharded safetensors + index into ``folder``; returns the total tensor bytes."""
+    shards = _shards(tensors, max_bytes)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def _write_config(model: Any, folder: Path) -> None:
+    cfg = model.config.to_dict()
+    cfg["dtype"] = "float32"  # loads back in float32, as quantize() produced it
+    cfg.pop("transformers_version", None)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        g = gen.to_dict()
+        g.pop("transformers_version", None)
+        (folder / "generation_config.json").write_text(json.dumps(g, indent=2, sort_keys=True) + "\n")
+
+
+def export(model: Any, tokenizer: Any, out: str | Path, recipe: Any = None,
+           report: dict | None = None, force: bool = False, max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write ``model`` (quantized by :func:`quantsink.quantize`) and ``tokenizer`` to ``out``.
+
+    ``report`` (JSON-serialisable) is written as ``quantsink_report.json``. ``recipe`` is
+    accepted for symmetry with ``quantize`` (the recipe already lives in the model config).
+    Refuses an existing ``out`` unless ``force``; returns the final directory.
+    """
+    out = check_out_dir(out, force)
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        os.chmod(tmp, 0o755)
+        total = write_shards(checkpoint_tensors(model), tmp, max_shard_bytes)
+        _write_config(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        rep = {"checkpoint_tensor_bytes": total, **(report or {})}
+        (tmp / "quantsink_report.json").write_text(json.dumps(rep, indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        _replace_dir(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QuantsinkError(f"writing the checkpoint to {str(out)!r} failed ({exc}); nothing was "
+                             "written; allowed: a writable location with enough free space") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move ``tmp`` to ``out``; an existing ``out`` (``--force``) is removed only once ``tmp`` is complete."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,126 @@
+"""transformers integration: ``quant_method: "quantsink"`` checkpoints load with ``from_pretrained``.
+
+Importing this module registers :class:`QuantsinkConfig` and :class:`QuantsinkHfQuantizer`.
+Before the weights load, the quantizer swaps the Linear layers listed in
+``quantization_config["modules"]`` for :class:`~quantsink.weights.linear.QuantLinear`
+shells (on the meta device); the loader then fills their buffers from the safetensors
+shards. After loading, ``model.generate`` is wrapped so that, when the checkpoint has a
+``kv_cache`` section and no ``past_key_values`` / ``cache_implementation`` is given, it
+builds the checkpoint's :class:`~quantsink.kv.cache.SinkQuantCache` with the calibrated
+sink map.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from quantsink.errors import QuantsinkError, check
+
+METHOD = "quantsink"
+
+
+class QuantsinkConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a quantsink checkpoint (plain dicts inside)."""
+
+    def __init__(self, version: int = 1, weights: dict | None = None, kv_cache: dict | None = None,
+                 sink_map: dict | None = None, modules: list[str] | None = None,
+                 recipe: str = "custom", **kwargs: Any) -> None:
+        check(version == 1, f"quantsink checkpoint version {version} is not supported; allowed: 1")
+        self.quant_method = METHOD
+        self.version = version
+        self.weights, self.kv_cache, self.sink_map = weights, kv_cache, sink_map
+        self.modules = list(modules or [])
+        self.recipe = recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": METHOD, "version": self.version, "recipe": self.recipe,
+                "weights": self.weights, "kv_cache": self.kv_cache, "sink_map": self.sink_map,
+                "modules": list(self.modules)}
+
+
+class QuantsinkHfQuantizer(HfQuantizer):
+    """Loads pre-quantized quantsink checkpoints (quantizing on load is not supported)."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        from quantsink.weights.linear import QuantLinear
+        from quantsink.weights.outliers import outlier_count
+        from quantsink.weights.sequential import set_submodule
+
+        w = self.quantization_config.weights or {}
+        for name in self.quantization_config.modules:
+            mod = model.get_submodule(name)
+            check(isinstance(mod, nn.Linear), f"checkpoint module {name!r} is not a Linear layer")
+            k = outlier_count(int(w.get("outlier_channels", 0)), mod.in_features)
+            q = QuantLinear(mod.in_features, mod.out_features, int(w.get("bits", 4)),
+                            int(w.get("group_size", 128)), k, mod.bias is not None,
+                            device=mod.weight.device)
+            set_submodule(model, name, q)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        attach_kv_generate(model)
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _get(qc: Any, key: str) -> Any:
+    return qc.get(key) if isinstance(qc, dict) else getattr(qc, key, None)
+
+
+def build_sink_cache(model: nn.Module) -> Any:
+    """The ``SinkQuantCache`` described by ``model.config.quantization_config``."""
+    from quantsink.config import from_dict
+    from quantsink.kv.config import KVConfig
+
+    qc = model.config.quantization_config
+    try:
+        from quantsink.kv.cache import SinkQuantCache
+    except ImportError:
+        raise QuantsinkError("this checkpoint's KV cache needs quantsink.kv.cache.SinkQuantCache, "
+                             "which is not available; allowed: pass past_key_values=... or "
+                             "use_cache=False") from None
+    kv = from_dict(KVConfig, _get(qc, "kv_cache"), "quantization_config.kv_cache")
+    sink_map = None
+    if _get(qc, "sink_map"):
+        from quantsink.calibration import SinkMap
+
+        sink_map = SinkMap.from_dict(_get(qc, "sink_map"))
+    return SinkQuantCache.from_recipe(model, kv, sink_map=sink_map)
+
+
+def attach_kv_generate(model: nn.Module) -> None:
+    """Wrap ``model.generate`` to build the checkpoint's KV cache when none is given."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None or not _get(qc, "kv_cache") or getattr(model, "_quantsink_generate", False):
+        return
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        wants_cache = kwargs.get("use_cache", True) is not False
+        if wants_cache and kwargs.get("past_key_values") is None \
+                and kwargs.get("cache_implementation") is None:
+            kwargs["past_key_values"] = build_sink_cache(model)
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    model._quantsink_generate = True
+
+
+if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(METHOD)(QuantsinkConfig)
+if METHOD not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer(METHOD)(QuantsinkHfQuantizer)

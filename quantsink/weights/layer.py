@@ -1,0 +1,99 @@
+"""Quantizing one group of Linear layers that share an input (q/k/v, gate/up, ...).
+
+The group's weights are stacked along the output dimension ``W: [sum(out), in]``; the
+outlier input channels are chosen once for the group; the kept channels are quantized
+(RTN, or GPTQ with the group's Hessian, the outlier columns placed last so that they
+absorb part of the rounding error); the rows are split back into one
+:class:`~quantsink.weights.linear.QuantLinear` per original layer.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from quantsink.errors import check
+from quantsink.weights.config import WeightConfig
+from quantsink.weights.gptq import gptq_quantize
+from quantsink.weights.linear import QuantLinear
+from quantsink.weights.outliers import channel_scores, outlier_count, select_outliers, split_columns
+from quantsink.weights.rtn import rtn_quantize
+from quantsink.weights.sequential import InputGroup, set_submodule
+
+
+def is_ignored(name: str, ignore: list[str]) -> bool:
+    """True when ``name`` equals an ``ignore`` entry or ends with ``.<entry>``."""
+    return any(name == p or name.endswith("." + p) for p in ignore)
+
+
+def quantize_matrix(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes [out, n_q], scale [out, G], zero [out, G], outlier_idx [k], outlier_w [out, k])``."""
+    n = w.shape[1]
+    k = outlier_count(cfg.outlier_channels, n)
+    scores = channel_scores(group.absmax, w, cfg.outlier_score)
+    idx = select_outliers(scores, k, forced)
+    keep = split_columns(n, idx)
+    grid = dict(clip_search=cfg.clip_search, clip_grid=cfg.clip_grid, min_clip=cfg.min_clip)
+    if cfg.algorithm == "gptq":
+        check(group.hessian is not None, "GPTQ needs the layer Hessian; pass calibration windows")
+        perm = torch.cat([keep, idx])
+        h = group.hessian[perm][:, perm]
+        codes, scale, zero, rest = gptq_quantize(w[:, perm], h, keep.numel(), cfg.bits,
+                                                 cfg.group_size, cfg.symmetric, cfg.damp,
+                                                 cfg.act_order, **grid)
+        return codes, scale, zero, idx, rest
+    codes, scale, zero = rtn_quantize(w[:, keep], cfg.bits, cfg.group_size, cfg.symmetric, **grid)
+    return codes, scale, zero, idx, w[:, idx]
+
+
+def make_group_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int
+                         ) -> Callable[[nn.Module, str, InputGroup], list[dict]]:
+    """A ``quantize_group(layer, prefix, group)`` callback for :func:`quantize_layers`.
+
+    ``massive`` residual channels are forced among the outliers of layers whose input has
+    ``hidden_size`` channels (the normed residual stream).
+    """
+    def quantize_group(layer: nn.Module, prefix: str, group: InputGroup) -> list[dict]:
+        names = [n for n in group.names if not is_ignored(f"{prefix}.{n}", cfg.ignore)]
+        if not names:
+            return []
+        mods = [layer.get_submodule(n) for n in names]
+        w = torch.cat([m.weight.detach().float() for m in mods])  # [sum(out), in]
+        forced = massive if cfg.massive_outliers and w.shape[1] == hidden_size else []
+        codes, scale, zero, idx, rest = quantize_matrix(w, group, cfg, forced)
+        reports, row = [], 0
+        for name, mod in zip(names, mods):
+            rows = slice(row, row + mod.out_features)
+            row = rows.stop
+            bias = None if mod.bias is None else mod.bias.detach()
+            q = QuantLinear.from_quantized(codes[rows], scale[rows], zero[rows], idx, rest[rows],
+                                           cfg.bits, cfg.group_size, bias).to(mod.weight.device)
+            set_submodule(layer, name, q)
+            reports.append({"name": f"{prefix}.{name}", "in": mod.in_features,
+                            "out": mod.out_features, "outliers": int(idx.numel()),
+                            "fp16_bytes": 2 * mod.weight.numel(), "packed_bytes": q.packed_nbytes()})
+        return reports
+    return quantize_group
+
+
+def static_groups(cal: Any) -> Callable[[str, nn.Module], list[InputGroup]]:
+    """Groups of one Linear each, with ``act_absmax`` from a calibration result (no forward pass).
+
+    Without a calibration result the absmax is zero (fine for recipes without outliers).
+    """
+    stats = getattr(cal, "stats", None) or {}
+
+    def groups(prefix: str, layer: nn.Module) -> list[InputGroup]:
+        out = []
+        for n, m in layer.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            key = f"act_absmax/{prefix}.{n}"
+            check(cal is None or key in stats, f"calibration artifact has no {key!r}; allowed: "
+                                               "an artifact calibrated on this model")
+            absmax = stats[key].float() if key in stats else torch.zeros(m.in_features)
+            out.append(InputGroup([n], absmax))
+        return out
+    return groups

@@ -1,0 +1,64 @@
+"""The quantization report (``quantsink_report.json``) and the summary table the CLI prints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quantsink.config import to_dict
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def build_report(model: Any, recipe: Any, ppl_before: float | None = None,
+                 ppl_after: float | None = None, eval_tokens: int | None = None) -> dict:
+    """A JSON-serialisable report of a model quantized by :func:`quantsink.quantize` (no timings)."""
+    rep = getattr(model, "quantsink_report", None) or {"modules": []}
+    mods = rep["modules"]
+    fp16 = sum(m["fp16_bytes"] for m in mods)
+    packed = sum(m["packed_bytes"] for m in mods)
+    outlier_bytes = sum(2 * m["out"] * m["outliers"] for m in mods)
+    sink_map = (model.config.quantization_config.to_dict() or {}).get("sink_map")
+    return {
+        "recipe": recipe.name, "weights": None if recipe.weights is None else to_dict(recipe.weights),
+        "kv_cache": None if recipe.kv_cache is None else to_dict(recipe.kv_cache),
+        "quantized_linear_layers": len(mods),
+        "linear_fp16_bytes": fp16, "linear_packed_bytes": packed,
+        "linear_ratio_vs_fp16": round(packed / fp16, 4) if fp16 else None,
+        "linear_ratio_without_outliers": round((packed - outlier_bytes) / fp16, 4) if fp16 else None,
+        "outlier_channels_total": sum(m["outliers"] for m in mods),
+        "massive_channels": rep.get("massive_channels", []),
+        "sink_positions": (sink_map or {}).get("positional"),
+        "content_sink_token_ids": (sink_map or {}).get("content_token_ids"),
+        "calibration_windows": rep.get("calibration_windows"),
+        "ppl_before": ppl_before, "ppl_after": ppl_after, "eval_tokens": eval_tokens,
+    }
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the files in ``path``."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def format_summary(report: dict, out: Path, seconds: float) -> str:
+    """A two-column markdown table of the report, the checkpoint size and the wall time."""
+    rows = [("recipe", report["recipe"]),
+            ("quantized Linear layers", report["quantized_linear_layers"]),
+            ("Linear weights fp16", _fmt_bytes(report["linear_fp16_bytes"])),
+            ("Linear weights packed", f"{_fmt_bytes(report['linear_packed_bytes'])} "
+                                      f"({report['linear_ratio_vs_fp16']}x fp16; "
+                                      f"{report['linear_ratio_without_outliers']}x without outliers)"),
+            ("fp16 outlier channels (all layers)", report["outlier_channels_total"]),
+            ("massive-activation channels", report["massive_channels"] or "-"),
+            ("sink positions", report["sink_positions"] if report["sink_positions"] is not None
+             else "- (no calibration)"),
+            ("checkpoint on disk", _fmt_bytes(dir_bytes(out))),
+            ("wall time", f"{seconds:.1f} s")]
+    if report["ppl_before"] is not None:
+        delta = 100 * (report["ppl_after"] / report["ppl_before"] - 1)
+        rows.append((f"ppl before -> after ({report['eval_tokens']} tokens)",
+                     f"{report['ppl_before']:.3f} -> {report['ppl_after']:.3f} ({delta:+.2f} %)"))
+    lines = [f"| {'item':<36} | value |", f"|{'-' * 38}|-------|"]
+    lines += [f"| {k:<36} | {v} |" for k, v in rows]
+    return f"wrote {out}\n" + "\n".join(lines)
