@@ -1,0 +1,179 @@
+"""Quality benchmark: writes docs/RESULTS.md (Protocol Q perplexity, KV recipes, StreamingLLM).
+
+    python scripts/bench_quality.py --section kv --max-tokens 65536
+    python scripts/bench_quality.py --section streaming --stream-tokens 20000
+    python scripts/bench_quality.py --section all
+
+Every measured row is stored in ``docs/results/quality.json`` as soon as it is done, so a
+long run can be resumed (rows already present are skipped unless ``--redo``) and sections
+can be run separately; the markdown is re-rendered from everything stored. A ``weights``
+section is run by ``scripts/bench_weights.py`` when that script exists (it must expose
+``rows(args) -> list[dict]`` with the same keys as the KV rows).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quantsink.data import eval_tokens
+from quantsink.eval import perplexity
+from quantsink.kv.cache import SinkQuantCache, resolve_kv_config
+from quantsink.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+KV_RECIPES = ("kv-int4-sink", "kv-int4", "kv-int2-sink", "kv-int2")
+
+
+def kv_rows(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
+    """(row name, KV overrides or None for the unquantized model), most important first."""
+    rows: list[tuple[str, dict | None]] = [("fp32 (no KV quantization)", None)]
+    for name in KV_RECIPES:
+        rows.append((f"{name}, no window", {"recipe": name, "window": 0}))
+    rows.append(("kv-int2-sink without sinks, no window", {"recipe": "kv-int2-sink", "window": 0, "num_sinks": 0}))
+    rows.append(("kv-int2-sink without rotation, no window", {"recipe": "kv-int2-sink", "window": 0, "rotate": False}))
+    for name in KV_RECIPES:
+        rows.append((f"{name}, window 128", {"recipe": name}))
+    return rows
+
+
+def run_kv(args: argparse.Namespace, store: dict, model, tok) -> None:
+    ids = eval_tokens(tok, args.data, args.max_tokens)
+    for name, spec in kv_rows(args):
+        key = f"kv/{args.max_tokens}/{name}"
+        if key in store and not args.redo:
+            continue
+        kv = None
+        if spec is not None:
+            spec = dict(spec)
+            kv = dataclasses.replace(resolve_kv_config(spec.pop("recipe")), **spec)
+        t0 = time.time()
+        res = perplexity(model, ids, args.ctx, desc=name[:30], kv=kv)
+        res.update(name=name, window=kv.window if kv else 0, seconds=round(time.time() - t0, 1),
+                   config=dataclasses.asdict(kv) if kv else None)
+        store[key] = res
+        save(args, store)
+        print(f"{name}: ppl {res['ppl']:.3f} bits {res['kv_avg_bits']:.3f} ({res['seconds']} s)", flush=True)
+
+
+@torch.no_grad()
+def stream_nll(model, ids: torch.Tensor, kv, chunk: int) -> torch.Tensor:
+    """Per-token NLL of one long stream fed ``chunk`` tokens at a time through one cache."""
+    cache = SinkQuantCache.from_recipe(model, kv, backend="torch")
+    nll, prev = [], None
+    for a in tqdm(range(0, ids.numel(), chunk), desc="stream", leave=False):
+        x = ids[a:a + chunk][None]
+        logits = model(x, past_key_values=cache, use_cache=True).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        if prev is not None:
+            nll.append(-prev[x[0, 0]].view(1))
+        nll.append(-lp[:-1].gather(1, x[0, 1:, None])[:, 0])
+        prev = lp[-1]
+    return torch.cat(nll)
+
+
+def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
+    ids = eval_tokens(tok, args.data, args.stream_tokens)
+    base = resolve_kv_config(args.stream_recipe)
+    for label, sinks in (("sinks kept", base.num_sinks or 4), ("sinks evicted", 0)):
+        key = f"stream/{args.stream_tokens}/{args.stream_cache}/{label}"
+        if key in store and not args.redo:
+            continue
+        kv = dataclasses.replace(base, num_sinks=sinks, max_cache_tokens=args.stream_cache)
+        t0 = time.time()
+        nll = stream_nll(model, ids, kv, args.stream_chunk)
+        n = args.stream_window
+        store[key] = {"name": label, "first_ppl": math.exp(nll[:n].mean().item()),
+                      "last_ppl": math.exp(nll[-n:].mean().item()), "tokens": ids.numel(),
+                      "cache": args.stream_cache, "recipe": args.stream_recipe,
+                      "seconds": round(time.time() - t0, 1)}
+        save(args, store)
+        print(key, store[key], flush=True)
+
+
+def run_weights(args: argparse.Namespace, store: dict) -> None:
+    path = ROOT / "scripts" / "bench_weights.py"
+    if not path.exists():
+        print("scripts/bench_weights.py not found: weights section skipped")
+        return
+    spec = importlib.util.spec_from_file_location("bench_weights", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for row in mod.rows(args):
+        store[f"weights/{args.max_tokens}/{row['name']}"] = row
+        save(args, store)
+
+
+def save(args: argparse.Namespace, store: dict) -> None:
+    args.store.parent.mkdir(parents=True, exist_ok=True)
+    args.store.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
+    args.out.write_text(render(store))
+
+
+def render(store: dict) -> str:
+    """docs/RESULTS.md from every stored row."""
+    lines = ["# Results", "", "Generated by `scripts/bench_quality.py` (SmolLM2-135M, WikiText-2 test, "
+             "ctx 2048, non-overlapping windows, KV-faithful evaluation: quantized body, fp16 sinks and "
+             "window on the same flush schedule as generation). `kv_avg_bits` counts everything held per "
+             "K/V element at the end of each window (codes, scales, zeros, fp16 sinks, fp16 window and "
+             "the fp16 tail of an unfinished key group).", ""]
+    for tokens in sorted({k.split("/")[1] for k in store if k.startswith(("kv/", "weights/"))}):
+        rows = {k: v for k, v in store.items() if k.split("/")[1] == tokens and not k.startswith("stream")}
+        fp = next((v["ppl"] for v in rows.values() if v["name"].startswith("fp32")), None)
+        lines += [f"## Perplexity, first {tokens} tokens", "", "| row | ppl | Δ% vs fp32 | kv_avg_bits |",
+                  "|---|---|---|---|"]
+        for v in rows.values():
+            delta = f"{100 * (v['ppl'] / fp - 1):+.2f}" if fp else "n/a"
+            lines.append(f"| {v['name']} | {v['ppl']:.3f} | {delta} | {v.get('kv_avg_bits', float('nan')):.3f} |")
+        lines.append("")
+    streams = {k: v for k, v in store.items() if k.startswith("stream/")}
+    if streams:
+        lines += ["## StreamingLLM", "", "| setting | recipe | cache | stream tokens | ppl first 4k | ppl last 4k | last/first |",
+                  "|---|---|---|---|---|---|---|"]
+        for v in streams.values():
+            lines.append(f"| {v['name']} | {v['recipe']} | {v['cache']} | {v['tokens']} | {v['first_ppl']:.3f} "
+                         f"| {v['last_ppl']:.3f} | {v['last_ppl'] / v['first_ppl']:.3f} |")
+        lines.append("")
+    notes = ROOT / "docs" / "RESULTS-notes.md"
+    if notes.exists():
+        lines += [notes.read_text()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--section", choices=("kv", "streaming", "weights", "all"), default="all")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=65536)
+    p.add_argument("--stream-tokens", type=int, default=20000)
+    p.add_argument("--stream-cache", type=int, default=1024)
+    p.add_argument("--stream-chunk", type=int, default=64)
+    p.add_argument("--stream-window", type=int, default=4096)
+    p.add_argument("--stream-recipe", default="kv-int4-sink")
+    p.add_argument("--redo", action="store_true", help="re-measure rows already stored")
+    p.add_argument("--store", type=Path, default=ROOT / "docs" / "results" / "quality.json")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    args = p.parse_args()
+    store = json.loads(args.store.read_text()) if args.store.exists() else {}
+    model, tok = load_model(args.model)
+    if args.section in ("kv", "all"):
+        run_kv(args, store, model, tok)
+    if args.section in ("streaming", "all"):
+        run_streaming(args, store, model, tok)
+    if args.section in ("weights", "all"):
+        run_weights(args, store)
+    save(args, store)
+
+
+if __name__ == "__main__":
+    main()

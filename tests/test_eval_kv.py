@@ -1,0 +1,42 @@
+"""KV-faithful perplexity and the `quantsink eval` command on the real model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantsink.cli import main
+from quantsink.data import eval_tokens
+from quantsink.eval import perplexity
+from quantsink.kv.config import KVConfig
+
+pytestmark = pytest.mark.model
+
+
+def test_kv_perplexity_bounds(smollm, test_path) -> None:
+    model, tok = smollm
+    ids = eval_tokens(tok, test_path, 512)
+    fp = perplexity(model, ids, 256, progress=False)
+    int8 = perplexity(model, ids, 256, progress=False,
+                      kv=KVConfig(key_bits=8, value_bits=8, window=0))
+    int2 = perplexity(model, ids, 256, progress=False,
+                      kv=KVConfig(key_bits=2, value_bits=2, window=0))
+    assert abs(int8["ppl"] / fp["ppl"] - 1) < 0.01
+    assert int2["ppl"] > int8["ppl"] * 1.05  # 2 bits really costs something
+    assert 2.5 < int2["kv_avg_bits"] < 4.5 and 8.5 < int8["kv_avg_bits"] < 10
+
+
+def test_eval_cli_json(test_path, tmp_path, capsys, smollm) -> None:
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--recipe", "kv-int4-sink", "--window", "0", "--data", str(test_path),
+               "--ctx", "256", "--max-tokens", "512", "--json", str(out), "--no-progress"])
+    assert rc == 0 and "ppl" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert {"ppl", "tokens", "kv_avg_bits", "window"} <= set(res)
+    assert res["tokens"] == 512 and res["window"] == 0 and res["ppl"] < 100
+
+
+def test_eval_cli_bad_window(test_path, capsys) -> None:
+    rc = main(["eval", "--recipe", "kv-int2-sink", "--window", "10", "--data", str(test_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "window=10" in err and err.count("\n") == 1
