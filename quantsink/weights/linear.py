@@ -27,7 +27,14 @@ from quantsink.weights.rtn import dequantize_codes, n_groups
 
 
 class QuantLinear(nn.Module):
-    """Packed ``bits``-bit group-quantized Linear with ``n_outliers`` fp16 input channels."""
+    """Packed ``bits``-bit group-quantized Linear with ``n_outliers`` fp16 input channels.
+
+    ``cache_dequantized`` (class-wide, default True): the CPU reference keeps the dequantized
+    weight after the first forward (rebuilt whenever a buffer changes), trading memory for
+    decode speed; set it to False to dequantize on every call.
+    """
+
+    cache_dequantized: bool = True
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  n_outliers: int = 0, bias: bool = False, device: torch.device | str | None = None
@@ -48,6 +55,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("outlier_weight", torch.zeros(out_features, n_outliers,
                                                            dtype=torch.float16, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+        self._cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def from_quantized(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -77,10 +85,18 @@ class QuantLinear(nn.Module):
         w[:, self.outlier_idx] = self.outlier_weight.float()
         return w
 
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self.cache_dequantized:
+            return self.dequantize().to(dtype)
+        key = tuple((b.data_ptr(), b._version) for b in self.buffers()) + (dtype,)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.dequantize().to(dtype))
+        return self._cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        return F.linear(x, self._weight(x.dtype), bias)
 
     def packed_nbytes(self) -> int:
         """Bytes of everything this layer stores (codes, grids, outliers, shape)."""

@@ -1,0 +1,130 @@
+"""Quantize the real model, export, reload in a fresh process, compare logits; determinism."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantsink
+from quantsink.errors import QuantsinkError
+from quantsink.weights.export import export
+from quantsink.weights.linear import QuantLinear
+
+pytestmark = pytest.mark.model
+
+RECIPE = {"name": "test-w4", "weights": {"algorithm": "rtn", "group_size": 64, "outlier_channels": 8,
+                                         },
+          "kv_cache": {"num_sinks": 1, "window": 64}}
+
+
+def _quantized(smollm, windows: torch.Tensor):
+    model, tok = smollm
+    model = copy.deepcopy(model)
+    quantsink.quantize(model, RECIPE, calib=windows, tokenizer=tok, progress=False)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def windows(smollm, calib_path) -> torch.Tensor:
+    from quantsink.data import calibration_windows
+
+    return calibration_windows(smollm[1], calib_path, samples=2, seq_len=128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def exported(smollm, windows, tmp_path_factory):
+    model, tok = _quantized(smollm, windows)
+    out = export(model, tok, tmp_path_factory.mktemp("ckpt") / "out")
+    return model, tok, out
+
+
+RELOAD = r"""
+import sys, torch
+import quantsink.weights.hf_quantizer  # registers quant_method "quantsink"
+from transformers import AutoModelForCausalLM
+from quantsink.weights.linear import QuantLinear
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+assert isinstance(model.model.layers[3].mlp.down_proj, QuantLinear)
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(ids).logits
+torch.save(logits, sys.argv[3])
+gen = model.generate(ids[:, :8], max_new_tokens=32, min_new_tokens=32, do_sample=False)
+print("generated", gen.shape[1] - 8)
+"""
+
+
+def test_reload_in_fresh_process_matches_logits_and_generates(exported, tmp_path: Path) -> None:
+    model, _, out = exported
+    ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "generated 32" in proc.stdout
+    with torch.no_grad():
+        ref = model(ids).logits
+    diff = (torch.load(tmp_path / "logits.pt") - ref).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_checkpoint_layout_and_config(exported) -> None:
+    _, _, out = exported
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    names = set(index["weight_map"])
+    base = "model.layers.0.self_attn.q_proj."
+    for t in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
+              "outlier_idx", "outlier_weight"):
+        assert base + t in names
+    assert base + "weight" not in names and "lm_head.weight" not in names  # tied: stored once
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "quantsink" and qc["version"] == 1
+    assert qc["weights"]["group_size"] == 64 and qc["kv_cache"]["num_sinks"] == 1
+    assert "sink_map" in qc and len(qc["modules"]) == 30 * 7
+    assert (out / "tokenizer.json").is_file() and (out / "quantsink_report.json").is_file()
+
+
+def test_packed_linear_bytes_below_budget(exported) -> None:
+    model, _, _ = exported
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    packed = sum(m.packed_nbytes() for m in layers)
+    fp16 = sum(2 * m.in_features * m.out_features for m in layers)
+    assert packed < 0.30 * fp16, packed / fp16
+
+
+def test_same_seed_gives_byte_identical_shards(smollm, windows, exported, tmp_path: Path) -> None:
+    _, _, first = exported
+    model, tok = _quantized(smollm, windows)
+    second = export(model, tok, tmp_path / "again")
+    shards = sorted(p.name for p in first.glob("model-*.safetensors"))
+    assert shards and shards == sorted(p.name for p in second.glob("model-*.safetensors"))
+    for name in shards:
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+def test_export_failure_halfway_leaves_nothing(exported, tmp_path: Path, monkeypatch) -> None:
+    model, tok, _ = exported
+    import quantsink.weights.export as ex
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ex, "_write_config", broken)  # after the shards are written
+    with pytest.raises(QuantsinkError, match="nothing was written"):
+        export(model, tok, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_existing_targets(exported, tmp_path: Path) -> None:
+    model, tok, _ = exported
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(QuantsinkError, match="existing file"):
+        export(model, tok, tmp_path / "file")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(QuantsinkError, match="already exists"):
+        export(model, tok, tmp_path / "dir")
