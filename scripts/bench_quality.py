@@ -99,6 +99,43 @@ def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
         print(key, store[key], flush=True)
 
 
+PROMPTS = (
+    "The history of the Roman Empire",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Q: What is the capital of France?\nA:",
+    "Once upon a time, in a small village by the sea, there lived",
+    "To make a good cup of coffee, you should first",
+)
+
+
+@torch.no_grad()
+def run_generation(args: argparse.Namespace, store: dict, model, tok) -> None:
+    """Greedy tokens of a left-padded batch: unquantized vs int4-sink (32) and bits=8 (64)."""
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(list(PROMPTS), return_tensors="pt", padding=True)
+    n_new, start = 64, batch.input_ids.shape[1]
+
+    def greedy(cache):
+        out = model.generate(**batch, past_key_values=cache, max_new_tokens=n_new, do_sample=False,
+                             min_new_tokens=n_new, pad_token_id=tok.pad_token_id)
+        return out[:, start:]
+
+    from transformers import DynamicCache
+
+    ref = greedy(DynamicCache())
+    kv4 = resolve_kv_config(args.gen_recipe)
+    for label, kv, n in ((args.gen_recipe, kv4, 32),
+                         (f"{args.gen_recipe} bits=8", dataclasses.replace(kv4, key_bits=8, value_bits=8), 64)):
+        got = greedy(SinkQuantCache.from_recipe(model, kv, backend="torch"))
+        same = [bool(torch.equal(got[i, :n], ref[i, :n])) for i in range(len(PROMPTS))]
+        store[f"gen/{label}"] = {"name": label, "tokens": n, "matches": sum(same), "prompts": len(PROMPTS),
+                                 "per_prompt": same}
+        save(args, store)
+        print(label, store[f"gen/{label}"], flush=True)
+
+
 def run_weights(args: argparse.Namespace, store: dict) -> None:
     path = ROOT / "scripts" / "bench_weights.py"
     if not path.exists():
@@ -142,6 +179,12 @@ def render(store: dict) -> str:
             lines.append(f"| {v['name']} | {v['recipe']} | {v['cache']} | {v['tokens']} | {v['first_ppl']:.3f} "
                          f"| {v['last_ppl']:.3f} | {v['last_ppl'] / v['first_ppl']:.3f} |")
         lines.append("")
+    gens = {k: v for k, v in store.items() if k.startswith("gen/")}
+    if gens:
+        lines += ["## Greedy generation vs the unquantized model (5 prompts, left-padded batch)", "",
+                  "| KV cache | compared tokens | prompts identical |", "|---|---|---|"]
+        lines += [f"| {v['name']} | {v['tokens']} | {v['matches']} / {v['prompts']} |" for v in gens.values()]
+        lines.append("")
     notes = ROOT / "docs" / "RESULTS-notes.md"
     if notes.exists():
         lines += [notes.read_text()]
@@ -150,7 +193,7 @@ def render(store: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--section", choices=("kv", "streaming", "weights", "all"), default="all")
+    p.add_argument("--section", choices=("kv", "streaming", "generation", "weights", "all"), default="all")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--ctx", type=int, default=2048)
@@ -160,6 +203,7 @@ def main() -> None:
     p.add_argument("--stream-chunk", type=int, default=64)
     p.add_argument("--stream-window", type=int, default=4096)
     p.add_argument("--stream-recipe", default="kv-int4-sink")
+    p.add_argument("--gen-recipe", default="kv-int4-sink")
     p.add_argument("--redo", action="store_true", help="re-measure rows already stored")
     p.add_argument("--store", type=Path, default=ROOT / "docs" / "results" / "quality.json")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
@@ -170,6 +214,8 @@ def main() -> None:
         run_kv(args, store, model, tok)
     if args.section in ("streaming", "all"):
         run_streaming(args, store, model, tok)
+    if args.section in ("generation", "all"):
+        run_generation(args, store, model, tok)
     if args.section in ("weights", "all"):
         run_weights(args, store)
     save(args, store)

@@ -23,7 +23,7 @@ def test_kv_perplexity_bounds(smollm, test_path) -> None:
                       kv=KVConfig(key_bits=2, value_bits=2, window=0))
     assert abs(int8["ppl"] / fp["ppl"] - 1) < 0.01
     assert int2["ppl"] > int8["ppl"] * 1.05  # 2 bits really costs something
-    assert 2.5 < int2["kv_avg_bits"] < 4.5 and 8.5 < int8["kv_avg_bits"] < 10
+    assert 2.5 < int2["kv_avg_bits"] < int8["kv_avg_bits"] - 4 and int8["kv_avg_bits"] > 8.5
 
 
 def test_eval_cli_json(test_path, tmp_path, capsys, smollm) -> None:

@@ -5,7 +5,7 @@ import torch
 
 from quantsink.kv.config import KVConfig
 from quantsink.kv.layer import SinkQuantLayer
-from tests.test_kv_cache import logits_by_steps, tiny_llama
+from test_kv_cache import logits_by_steps, tiny_llama
 
 CFG = KVConfig(key_bits=8, value_bits=8, key_group_size=16, value_group_size=16, window=16,
                num_sinks=4, max_cache_tokens=80)
