@@ -52,7 +52,8 @@ def linear_ratio(model: nn.Module) -> float:
 def ours(base, tok, cal, windows, algorithm: str, group: int, k: int) -> tuple[nn.Module, float]:
     model = copy.deepcopy(base)
     recipe = {"name": f"{algorithm}-g{group}-k{k}",
-              "weights": {"algorithm": algorithm, "group_size": group, "outlier_channels": k}}
+              "weights": {"algorithm": algorithm, "group_size": group, "outlier_channels": k,
+                          "clip_search": algorithm == "gptq"}}  # RTN rows: plain min-max RTN
     quantsink.quantize(model, recipe, calib=windows, calibration=cal, tokenizer=tok, progress=False)
     return model, linear_ratio(model)
 

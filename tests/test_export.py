@@ -17,8 +17,7 @@ from quantsink.weights.linear import QuantLinear
 
 pytestmark = pytest.mark.model
 
-RECIPE = {"name": "test-w4", "weights": {"algorithm": "rtn", "group_size": 64, "outlier_channels": 8,
-                                         },
+RECIPE = {"name": "test-w4", "weights": {"algorithm": "rtn", "group_size": 64, "outlier_channels": 8},
           "kv_cache": {"num_sinks": 1, "window": 64}}
 
 
@@ -64,7 +63,7 @@ def test_reload_in_fresh_process_matches_logits_and_generates(exported, tmp_path
     ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "generated 32" in proc.stdout
     with torch.no_grad():

@@ -44,7 +44,9 @@ def quantize_matrix(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, force
                                                  cfg.group_size, cfg.symmetric, cfg.damp,
                                                  cfg.act_order, **grid)
         return codes, scale, zero, idx, rest
-    codes, scale, zero = rtn_quantize(w[:, keep], cfg.bits, cfg.group_size, cfg.symmetric, **grid)
+    weight = group.absmax[keep].float() ** 2 if bool(group.absmax.any()) else None
+    codes, scale, zero = rtn_quantize(w[:, keep], cfg.bits, cfg.group_size, cfg.symmetric,
+                                      col_weight=weight, **grid)
     return codes, scale, zero, idx, w[:, idx]
 
 
