@@ -80,8 +80,26 @@ def stream_nll(model, ids: torch.Tensor, kv, chunk: int) -> torch.Tensor:
     return torch.cat(nll)
 
 
+@torch.no_grad()
+def reference_nll(model, ids: torch.Tensor, ctx: int) -> torch.Tensor:
+    """Per-token NLL of the unquantized model in non-overlapping ``ctx`` windows (difficulty control)."""
+    out = []
+    for a in range(0, ids.numel(), ctx):
+        x = ids[a:a + ctx][None]
+        lp = torch.log_softmax(model(x, use_cache=False).logits[0].float(), -1)
+        out.append(-lp[:-1].gather(1, x[0, 1:, None])[:, 0])
+    return torch.cat(out)
+
+
 def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
     ids = eval_tokens(tok, args.data, args.stream_tokens)
+    n, key = args.stream_window, f"stream/{args.stream_tokens}/{args.stream_cache}/reference"
+    if key not in store or args.redo:
+        first, last = reference_nll(model, ids[:n], args.stream_cache), reference_nll(model, ids[-n:], args.stream_cache)
+        store[key] = {"name": f"control: unquantized, non-overlapping {args.stream_cache}-token windows",
+                      "first_ppl": math.exp(first.mean().item()), "last_ppl": math.exp(last.mean().item()),
+                      "tokens": ids.numel(), "cache": args.stream_cache, "recipe": "none"}
+        save(args, store)
     base = resolve_kv_config(args.stream_recipe)
     for label, sinks in (("sinks kept", base.num_sinks or 4), ("sinks evicted", 0)):
         key = f"stream/{args.stream_tokens}/{args.stream_cache}/{label}"

@@ -132,3 +132,22 @@ def test_left_padded_batch_matches_single_rows() -> None:
         alone = model.generate(b, past_key_values=SinkQuantCache.from_recipe(model, cfg),
                                max_new_tokens=12, do_sample=False)
     assert torch.equal(out[1, 10:], alone[0])
+
+
+def test_sink_map_positions_non_contiguous() -> None:
+    """A SinkMap-like object with positions [0, 5] keeps exactly those tokens in fp16."""
+    class Map:
+        positional = [0, 5]
+
+    model = tiny_llama()
+    cfg = KVConfig(key_bits=4, value_bits=4, key_group_size=16, value_group_size=16, window=16)
+    ids = torch.randint(0, 96, (1, 120), generator=torch.Generator().manual_seed(5))
+    results = []
+    for chunk in (120, 1):
+        cache = SinkQuantCache(cfg, 2, sink_map=Map()).attach(model)
+        with torch.no_grad():
+            results.append(torch.cat([model(ids[:, a:a + chunk], past_key_values=cache).logits
+                                      for a in range(0, 120, chunk)], 1))
+        layer = cache.layers[0]
+        assert layer.sink_pos == [0, 5] and layer.positions()[:3].tolist() == [0, 5, 1]
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
