@@ -70,11 +70,19 @@ def _calibration(model: Any, tokenizer: Any, windows: torch.Tensor | None, calib
                      seq_len=windows.shape[1], progress=progress)
 
 
-def massive_channels(cal: Any) -> list[int]:
-    """Residual channels the calibration flagged as massive activations (sorted, unique)."""
+def massive_channels(cal: Any, limit: int | None = None) -> list[int]:
+    """Residual channels flagged as massive activations, largest magnitude first (unique).
+
+    ``limit`` keeps only the ``limit`` strongest ones.
+    """
     if cal is None:
         return []
-    return sorted({int(m["channel"]) for m in getattr(cal, "massive", [])})
+    best: dict[int, float] = {}
+    for row in getattr(cal, "massive", []):
+        c, v = int(row["channel"]), abs(float(row.get("value", 0.0)))
+        best[c] = max(best.get(c, 0.0), v)
+    ranked = sorted(best, key=lambda c: (-best[c], c))
+    return ranked if limit is None else ranked[:limit]
 
 
 @torch.no_grad()
@@ -121,13 +129,14 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
               "or --calibration ARTIFACT for rtn recipes")
     reports: list[dict] = []
     if wcfg is not None:
-        group_q = make_group_quantizer(wcfg, massive_channels(cal), _hidden_size(model))
+        forced = massive_channels(cal, limit=wcfg.outlier_channels // 4)
+        group_q = make_group_quantizer(wcfg, forced, _hidden_size(model))
         static = static_groups(cal) if windows is None else None
         reports = quantize_layers(model, windows, group_q, static_stats=static,
                                   hessian=wcfg.algorithm == "gptq", progress=progress)
     round_float_tensors_to_fp16(model)
     model.config.quantization_config = _quant_config(recipe, cal, [r["name"] for r in reports])
-    model.quantsink_report = {"modules": reports, "massive_channels": massive_channels(cal),
+    model.quantsink_report = {"modules": reports, "massive_channels": massive_channels(cal, 8),
                               "calibration_windows": None if windows is None else list(windows.shape)}
     model.quantsink_calibration = cal
     from quantsink.weights.hf_quantizer import attach_kv_generate
