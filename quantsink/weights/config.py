@@ -21,8 +21,8 @@ class WeightConfig:
     model's strongest massive-activation channels (at most a quarter of the slots) among
     them. ``clip_search`` picks each group's range by a small MSE grid search (``clip_grid``
     shrink steps down to ``min_clip``), the squared error weighted per input channel by
-    ``diag(H)`` (GPTQ) or ``act_absmax**2`` (RTN); an unweighted search raised SmolLM2's RTN g128 perplexity (26.3 -> 29.2), a weighted one
-    lowered GPTQ's (22.2 -> 21.3).
+    ``diag(H)`` (GPTQ) or ``act_absmax**2`` (RTN); an unweighted search raised SmolLM2's
+    RTN g128 perplexity (26.3 -> 29.2), a weighted one lowered GPTQ's (22.2 -> 21.3).
     GPTQ uses ``damp`` × mean(diag H) as Tikhonov damping and ``act_order`` (static groups).
     """
 
