@@ -77,11 +77,13 @@ def collect_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
                    hessian: bool) -> list[InputGroup]:
     """Run ``layer`` once and group its Linear layers by input tensor, with their statistics."""
     groups: dict[tuple, InputGroup] = {}
+    alive: list[torch.Tensor] = []  # keeps inputs alive so that no address is reused in this pass
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
+            alive.append(x)
             if key in groups:
                 groups[key].names.append(name)
                 return
