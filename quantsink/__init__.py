@@ -34,6 +34,10 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+from quantsink import _register  # noqa: E402  (a finder only; imports nothing heavy)
+
+_register.install()
+
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)

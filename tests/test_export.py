@@ -44,7 +44,8 @@ def exported(smollm, windows, tmp_path_factory):
 
 RELOAD = r"""
 import sys, torch
-import quantsink.weights.hf_quantizer  # registers quant_method "quantsink"
+import quantsink  # installs the hook that registers quant_method "quantsink"
+assert "transformers" not in sys.modules
 from transformers import AutoModelForCausalLM
 from quantsink.weights.linear import QuantLinear
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
