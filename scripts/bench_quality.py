@@ -17,6 +17,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -155,16 +157,13 @@ def run_generation(args: argparse.Namespace, store: dict, model, tok) -> None:
 
 
 def run_weights(args: argparse.Namespace, store: dict) -> None:
-    path = ROOT / "scripts" / "bench_weights.py"
-    if not path.exists():
-        print("scripts/bench_weights.py not found: weights section skipped")
-        return
-    spec = importlib.util.spec_from_file_location("bench_weights", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    for row in mod.rows(args):
-        store[f"weights/{args.max_tokens}/{row['name']}"] = row
-        save(args, store)
+    """Weight rows: ``scripts/bench_weights.py`` (all rows in one run, same windows); its table
+    is kept in ``docs/results/weights-<tokens>.md`` and rendered into RESULTS.md."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_weights.py"), "--model", args.model,
+           "--eval", str(args.data), "--tokens", str(args.max_tokens), "--ctx", str(args.ctx), "--quiet"]
+    table = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    (args.store.parent / f"weights-{args.max_tokens}.md").write_text(table)
+    save(args, store)
 
 
 def save(args: argparse.Namespace, store: dict) -> None:
@@ -203,6 +202,8 @@ def render(store: dict) -> str:
                   "| KV cache | compared tokens | prompts identical |", "|---|---|---|"]
         lines += [f"| {v['name']} | {v['tokens']} | {v['matches']} / {v['prompts']} |" for v in gens.values()]
         lines.append("")
+    for table in sorted((ROOT / "docs" / "results").glob("weights-*.md")):
+        lines += ["## Weight quantization (`scripts/bench_weights.py`)", "", table.read_text().strip(), ""]
     notes = ROOT / "docs" / "RESULTS-notes.md"
     if notes.exists():
         lines += [notes.read_text()]
