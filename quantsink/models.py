@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from quantsink._fs import staged_dir
 from quantsink.errors import QuantsinkError, check
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -113,8 +111,6 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> 
     if not (path / "config.json").exists() and ggufs:
         return _load_hf_dir(_gguf_to_hf(ggufs[0]), dtype, device)
     use_safetensors = _check_weights(path)
-    if _is_quantsink_checkpoint(path):
-        import quantsink.weights.hf_quantizer  # noqa: F401  (registers the quantizer)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -138,11 +134,6 @@ def _quiet_loading() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-
-
-def _is_quantsink_checkpoint(path: Path) -> bool:
-    config = json.loads((path / "config.json").read_text())
-    return (config.get("quantization_config") or {}).get("quant_method") == "quantsink"
 
 
 def _check_weights(path: Path) -> bool:
@@ -178,15 +169,10 @@ def _gguf_to_hf(gguf: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         model.config.quantization_config = None
         del model.config.quantization_config
         model.config.to_json_file(tmp / "config.json")
         save_model(model, str(tmp / "model.safetensors"))
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -12,19 +12,13 @@ from pathlib import Path
 
 import torch
 
+from quantsink._fs import default_permissions
 from quantsink.calibration.sinkmap import SinkMap
 from quantsink.errors import QuantsinkError, check
 
 ARTIFACT_VERSION = 1
 JSON_NAME = "calibration.json"
 STATS_NAME = "stats.safetensors"
-
-
-def default_permissions(path: Path, mode: int) -> None:
-    """Give ``path`` the permissions a plain open()/mkdir() would (mkdtemp makes 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
 
 
 @dataclass

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from quantsink.calibration.artifact import JSON_NAME, CalibrationResult, default_permissions
+from quantsink._fs import staged_dir
+from quantsink.calibration.artifact import JSON_NAME, CalibrationResult
 from quantsink.errors import check
 
 REPORT_NAME = "report.json"
@@ -121,10 +119,7 @@ def write_report_dir(result: CalibrationResult, out: str | Path, plots: bool = T
     """
     out = Path(out)
     check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        default_permissions(tmp, 0o777)
+    with staged_dir(out) as tmp:
         result.save(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(build_report(result), indent=1), encoding="utf-8")
         if plots:
@@ -132,19 +127,5 @@ def write_report_dir(result: CalibrationResult, out: str | Path, plots: bool = T
 
             write_plots(result, tmp)
         names = sorted(p.name for p in tmp.iterdir())
-        for p in tmp.iterdir():
-            default_permissions(p, 0o666)
-        _swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return [out / n for n in names]
 
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

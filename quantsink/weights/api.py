@@ -159,7 +159,6 @@ def load(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     ``model.generate`` builds the checkpoint's sink-aware KV cache when no
     ``past_key_values`` is passed (see :mod:`quantsink.weights.hf_quantizer`).
     """
-    import quantsink.weights.hf_quantizer  # noqa: F401  (registers the quantizer)
     from quantsink.models import load_model
 
     path = Path(path)

@@ -12,15 +12,13 @@ same model gives byte-identical files.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from quantsink._fs import staged_dir
 from quantsink.errors import QuantsinkError, check
 
 SHARD_BYTES = 64 * 2**20
@@ -102,35 +100,15 @@ def export(model: Any, tokenizer: Any, out: str | Path, recipe: Any = None,
     Refuses an existing ``out`` unless ``force``; returns the final directory.
     """
     out = check_out_dir(out, force)
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
-        os.chmod(tmp, 0o755)
-        total = write_shards(checkpoint_tensors(model), tmp, max_shard_bytes)
-        _write_config(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        rep = {"checkpoint_tensor_bytes": total, **(report or {})}
-        (tmp / "quantsink_report.json").write_text(json.dumps(rep, indent=2, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        _replace_dir(tmp, out)
+        with staged_dir(out) as tmp:
+            total = write_shards(checkpoint_tensors(model), tmp, max_shard_bytes)
+            _write_config(model, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            rep = {"checkpoint_tensor_bytes": total, **(report or {})}
+            (tmp / "quantsink_report.json").write_text(json.dumps(rep, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise QuantsinkError(f"writing the checkpoint to {str(out)!r} failed ({exc}); nothing was "
                              "written; allowed: a writable location with enough free space") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` (``--force``) is removed only once ``tmp`` is complete."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
