@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from quantsink.errors import QuantsinkError, check
+from quantsink.config import from_dict, to_dict
+from quantsink.errors import check
 
 
 @dataclass
@@ -66,27 +67,9 @@ class SinkMap:
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {
-            "positional": list(self.positional),
-            "content_token_ids": list(self.content_token_ids),
-            "num_layers": self.num_layers,
-            "positional_detail": [dict(r) for r in self.positional_detail],
-            "content_detail": [dict(r) for r in self.content_detail],
-        }
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SinkMap":
-        """Inverse of :meth:`to_dict`; unknown keys are rejected."""
-        if not isinstance(d, Mapping):
-            raise QuantsinkError(f"sink map: expected a mapping, got {type(d).__name__}")
-        allowed = {"positional", "content_token_ids", "num_layers", "positional_detail", "content_detail"}
-        unknown = sorted(set(d) - allowed)
-        check(not unknown, f"sink map: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-        check("positional" in d, "sink map: missing key 'positional'")
-        return cls(
-            positional=[int(p) for p in d["positional"]],
-            content_token_ids=[int(t) for t in d.get("content_token_ids", [])],
-            num_layers=int(d.get("num_layers", 0)),
-            positional_detail=[dict(r) for r in d.get("positional_detail", [])],
-            content_detail=[dict(r) for r in d.get("content_detail", [])],
-        )
+        """Inverse of :meth:`to_dict`; unknown keys and wrong types are rejected."""
+        return from_dict(cls, d, "sink map")
