@@ -105,11 +105,15 @@ def _check_body(bk: PackedBlock, bv: PackedBlock, B: int, Hkv: int, D: int, devi
         _require(c.dtype == torch.uint8 and c.shape == shape and c.device == device,
                  lambda: f"{name}.codes must be uint8 {shape} on {device}, got {c.dtype} {tuple(c.shape)} "
                          f"on {c.device}")
-    _require(T % gk == 0, lambda: f"body tokens {T} must be a multiple of the key group size {gk}")
+    off = bk.offset
+    _require(0 <= off < gk and (off + T) % gk == 0,
+             lambda: f"body tokens {T} + key offset {off} must be a multiple of the key group size {gk}")
     _require(D % gv == 0, lambda: f"head_dim {D} must be a multiple of the value group size {gv}")
-    ks, vs = (B, Hkv, T // gk, D), (B, Hkv, T, D // gv)
+    ks, vs = (B, Hkv, (off + T) // gk, D), (B, Hkv, T, D // gv)
     _require(bk.scale.shape == ks and bk.zero.shape == ks, lambda: f"body_k scale/zero must be {ks}")
-    _require(bv.scale.shape == vs and bv.zero.shape == vs, lambda: f"body_v scale/zero must be {vs}")
+    _require(bk.zero is not None, lambda: "body_k must store its zero (symmetric keys are not supported)")
+    _require(bv.scale.shape == vs and (bv.zero is None or bv.zero.shape == vs),
+             lambda: f"body_v scale/zero must be {vs}")
     return T
 
 
@@ -132,7 +136,8 @@ def geometry(q: torch.Tensor, S0: int, body_k: PackedBlock | None, body_v: Packe
     if body_k is None:
         gk, gv, T, block_n = 64, D, 0, 64
     else:
-        gk, gv, T = body_k.group_size, body_v.group_size, body_k.num_tokens
+        gk, gv = body_k.group_size, body_v.group_size
+        T = body_k.offset + body_k.num_tokens  # key slots, the first group's phantoms included
         block_n = min(64, gk & -gk)  # largest power of two dividing the key group
     ng = D // gv
     block_m = max(min(_pow2(R), max(1, 64 // ng)), max(1, 16 // ng))
@@ -181,7 +186,7 @@ def _body_args(q: torch.Tensor, body_k: PackedBlock | None, body_v: PackedBlock 
         return [q, 0, 0, 0, q, q, 0, 0, 0] * 2
     kc, vc = _contig(body_k.codes), _contig(body_v.codes)
     ks, kz, ks_st = _pair(body_k.scale, body_k.zero)
-    vs, vz, vs_st = _pair(body_v.scale, body_v.zero)
+    vs, vz, vs_st = _pair(body_v.scale, body_v.scale if body_v.zero is None else body_v.zero)
     return [kc, *kc.stride()[:3], ks, kz, *ks_st, vc, *vc.stride()[:3], vs, vz, *vs_st]
 
 
@@ -215,9 +220,9 @@ def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
     kernel[(B * Hkv, splits, geo.m_blocks)](
         q, qs, out, po, pm, pl, mask, 0 if key_mask is None else mask.stride(0),
         *_region(q, sink_k, sink_v), *_region(q, win_k, win_v), *body,
-        Hkv, geo.R, r_pad, Lq, S0, T, W, geo.gk, splits, scale * 1.4426950408889634,
+        Hkv, geo.R, r_pad, Lq, S0, T, 0 if body_k is None else body_k.offset, W, geo.gk, splits, scale * 1.4426950408889634,
         D=D, BLOCK_M=geo.block_m, NG=geo.ng, GV=geo.gv, BLOCK_N=geo.block_n, DENSE_N=geo.dense_n, KBITS=kbits,
-        VBITS=vbits, HAS_BODY=body_k is not None, HAS_MASK=key_mask is not None,
+        VBITS=vbits, VSYM=body_v is not None and body_v.zero is None, HAS_BODY=body_k is not None, HAS_MASK=key_mask is not None,
         IS_CAUSAL=Lq > 1, SINGLE_SPLIT=splits == 1, CDT=cdt, EXP_TRICK=q.dtype == torch.float16,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", HILO=q.dtype != torch.float32,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)

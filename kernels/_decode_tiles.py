@@ -125,21 +125,34 @@ def _body_scores(qv0, qv1, qv2, qv3, kb, sk_ptr, zk_ptr, MR: tl.constexpr, BLOCK
 @triton.jit
 def _body_tile(acc0, acc1, acc2, acc3, zacc, m_i, l_i, qv0, qv1, qv2, qv3, tb, kc_base, kc_st,
                ks_base, kz_base, ks_sg, vc_base, vc_st, vs_base, vz_base, vs_st, pos0, gsel,
-               mask_base, limit, GK, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               mask_base, limit, GK, OFF, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                MR: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr,
-               VBITS: tl.constexpr, CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr):
-    """One tile of the packed body: key scales folded into q, value scales into p."""
-    tok = tb * BLOCK_N + tl.arange(0, BLOCK_N)
+               VBITS: tl.constexpr, VSYM: tl.constexpr, CDT: tl.constexpr, EXP_TRICK: tl.constexpr,
+               PREC: tl.constexpr):
+    """One tile of the packed body: key scales folded into q, value scales into p.
+
+    Tile ``tb`` covers key slots ``[tb * BLOCK_N, (tb + 1) * BLOCK_N)`` of one key group; the
+    first ``OFF`` slots are phantoms (the sinks' share of the first group) and are masked.
+    """
+    tok = tb * BLOCK_N + tl.arange(0, BLOCK_N) - OFF
+    real = tok >= 0
     grp = (tb * BLOCK_N) // GK
-    kb = tl.load(kc_base + tok[:, None] * kc_st + tl.arange(0, D * KBITS // 8)[None, :])
+    kb = tl.load(kc_base + tok[:, None] * kc_st + tl.arange(0, D * KBITS // 8)[None, :],
+                 mask=real[:, None], other=0)
     s = _body_scores(qv0, qv1, qv2, qv3, kb, ks_base + grp * ks_sg, kz_base + grp * ks_sg, MR, BLOCK_N,
                      D, KBITS, CDT, EXP_TRICK, PREC)
-    ok = _key_ok(tok >= 0, pos0 + tok, mask_base, limit, HAS_MASK, IS_CAUSAL)
+    ok = _key_ok(real, pos0 + tok, mask_base, limit, HAS_MASK, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i)
-    vs = tl.load(vs_base + tok[None, :] * vs_st + gsel[:, None]).to(tl.float32)  # [MR, BLOCK_N]
-    vz = tl.load(vz_base + tok[None, :] * vs_st + gsel[:, None]).to(tl.float32)
-    pv = (p * vs).to(CDT)  # row (m, g) carries the scales of value group g
-    vb = tl.load(vc_base + tok[:, None] * vc_st + tl.arange(0, D * VBITS // 8)[None, :])
+    vs = tl.load(vs_base + tok[None, :] * vs_st + gsel[:, None], mask=real[None, :], other=0.0)
+    vs = vs.to(tl.float32)
+    pv = (p * vs).to(CDT)  # [MR, BLOCK_N]: row (m, g) carries value group g's scales
+    if VSYM:  # symmetric values: the zero is implied by the scale
+        vz = vs * (-((1 << VBITS) - 1) / 2)
+    else:
+        vz = tl.load(vz_base + tok[None, :] * vs_st + gsel[:, None], mask=real[None, :], other=0.0)
+        vz = vz.to(tl.float32)
+    vb = tl.load(vc_base + tok[:, None] * vc_st + tl.arange(0, D * VBITS // 8)[None, :],
+                 mask=real[:, None], other=0)
     acc0 = tl.dot(pv, _part(vb, 0, VBITS, CDT, EXP_TRICK), acc0 * alpha[:, None], input_precision=PREC)
     if VBITS <= 4:
         acc1 = tl.dot(pv, _part(vb, 1, VBITS, CDT, EXP_TRICK), acc1 * alpha[:, None], input_precision=PREC)

@@ -65,10 +65,10 @@ def _sink_decode_attention_kernel(
         sk_ptr, sv_ptr, s_sb, s_sh, s_st, wk_ptr, wv_ptr, w_sb, w_sh, w_st,
         kc_ptr, kc_sb, kc_sh, kc_st, ks_ptr, kz_ptr, ks_sb, ks_sh, ks_sg,
         vc_ptr, vc_sb, vc_sh, vc_st, vs_ptr, vz_ptr, vs_sb, vs_sh, vs_st,
-        Hkv, R, R_PAD, Lq, S0, T, W, GK, SPLITS, qk_scale,
+        Hkv, R, R_PAD, Lq, S0, T, OFF, W, GK, SPLITS, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr, GV: tl.constexpr,
         BLOCK_N: tl.constexpr, DENSE_N: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
-        HAS_BODY: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+        VSYM: tl.constexpr, HAS_BODY: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
         SINGLE_SPLIT: tl.constexpr, CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr,
         HILO: tl.constexpr):
     """Program (KV head of a sequence, split, query-row block): online softmax over its tiles.
@@ -91,7 +91,7 @@ def _sink_decode_attention_kernel(
     zacc = tl.zeros([MR], dtype=tl.float32)
     m_i = tl.full([MR], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([MR], dtype=tl.float32)
-    n_s, n_b = tl.cdiv(S0, DENSE_N), T // BLOCK_N  # tiles: sinks, body, window
+    n_s, n_b = tl.cdiv(S0, DENSE_N), (OFF + T) // BLOCK_N  # tiles: sinks, body (OFF phantoms), window
     total = n_s + n_b + tl.cdiv(W, DENSE_N)
     per_split = tl.cdiv(total, SPLITS)
     lo, hi = split * per_split, tl.minimum(total, (split + 1) * per_split)
@@ -107,7 +107,7 @@ def _sink_decode_attention_kernel(
                 kc_ptr + b * kc_sb + h * kc_sh, kc_st, ks_ptr + b * ks_sb + h * ks_sh,
                 kz_ptr + b * ks_sb + h * ks_sh, ks_sg, vc_ptr + b * vc_sb + h * vc_sh, vc_st,
                 vs_ptr + b * vs_sb + h * vs_sh, vz_ptr + b * vs_sb + h * vs_sh, vs_st, S0, gsel,
-                mask_base, limit, GK, HAS_MASK, IS_CAUSAL, MR, BLOCK_N, D, KBITS, VBITS, CDT,
+                mask_base, limit, GK, OFF, HAS_MASK, IS_CAUSAL, MR, BLOCK_N, D, KBITS, VBITS, VSYM, CDT,
                 EXP_TRICK, PREC)
         acc0, acc1 = acc0 + zacc[:, None], acc1 + zacc[:, None]  # the window tiles rescale acc only
         acc2, acc3 = acc2 + zacc[:, None], acc3 + zacc[:, None]

@@ -19,7 +19,7 @@ ATOL = {torch.float16: 2e-3, torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def make_case(B=2, Hkv=2, g=4, Lq=1, D=64, S0=3, T=128, W=37, kbits=4, vbits=4, gk=64, gv=64,
-              dtype=torch.float16, key_mask=False, q_sink=False, seed=0):
+              dtype=torch.float16, key_mask=False, q_sink=False, seed=0, off=0, vsym=False):
     """Random inputs in which the sinks take about half of the attention mass."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -33,8 +33,8 @@ def make_case(B=2, Hkv=2, g=4, Lq=1, D=64, S0=3, T=128, W=37, kbits=4, vbits=4, 
         qm = q.reshape(B, Hkv, g * Lq, D).mean(2)  # [B, Hkv, D]
         target = torch.log(torch.tensor(float(S0 + T + W))) + 0.5
         sink_k[:, :, 0] = qm * (target / (qm.pow(2).sum(-1, keepdim=True) * scale))
-    body_k = quantize_keys(randn(B, Hkv, T, D) + 0.5, kbits, gk) if T else None
-    body_v = quantize_values(randn(B, Hkv, T, D), vbits, gv) if T else None
+    body_k = quantize_keys(randn(B, Hkv, T, D) + 0.5, kbits, gk, offset=off) if T else None
+    body_v = quantize_values(randn(B, Hkv, T, D), vbits, gv, symmetric=vsym) if T else None
     win_k, win_v = randn(B, Hkv, W, D), randn(B, Hkv, W, D)
     S = S0 + T + W
     mask = None
@@ -46,7 +46,8 @@ def make_case(B=2, Hkv=2, g=4, Lq=1, D=64, S0=3, T=128, W=37, kbits=4, vbits=4, 
     rest = [x.to(DEVICE, dtype) for x in (win_k, win_v)]
     for blk in (body_k, body_v):
         if blk is not None:
-            blk.codes, blk.scale, blk.zero = (t.to(DEVICE) for t in (blk.codes, blk.scale, blk.zero))
+            blk.codes, blk.scale = blk.codes.to(DEVICE), blk.scale.to(DEVICE)
+            blk.zero = None if blk.zero is None else blk.zero.to(DEVICE)
     return (*cast, body_k, body_v, *rest, scale,
             None if mask is None else mask.to(DEVICE), None if qs is None else qs.to(DEVICE, dtype))
 
@@ -106,6 +107,11 @@ CASES = {
     "key_mask": dict(key_mask=True),
     "q_sink": dict(q_sink=True),
     "causal_lq3": dict(Lq=3, g=2, key_mask=True),
+    "key_offset_4": dict(S0=4, T=124, off=4, W=9),  # the sinks' share of the first key group
+    "key_offset_int2_g128": dict(S0=4, T=252, off=4, gk=128, kbits=2, vbits=2, D=128, key_mask=True),
+    "key_offset_whole_tile": dict(S0=70, T=58, off=70, gk=128, W=3),  # first body tile all phantom
+    "symmetric_values_int2": dict(S0=4, T=124, off=4, kbits=2, vbits=2, vsym=True, W=30),
+    "symmetric_values_int4_g32": dict(T=96, gk=32, gv=32, vsym=True, key_mask=True),
     "causal_lq20_row_blocks": dict(Lq=20, g=4, B=1, Hkv=1, T=64, W=40),  # 80 rows: 2 programs in M
 }
 
@@ -118,6 +124,7 @@ def test_matches_reference(name):
 @pytest.mark.parametrize("splits", [2, 5])
 def test_split_k_reduce(splits):
     assert_close(make_case(T=192, W=37, key_mask=True, q_sink=True, seed=splits), num_splits=splits)
+    assert_close(make_case(S0=4, T=188, off=4, W=37, seed=splits), num_splits=splits)
 
 
 @pytest.mark.parametrize("name", ["unaligned_int4_g32", "int2_d128", "gqa8"])

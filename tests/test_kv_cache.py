@@ -61,7 +61,9 @@ def test_chunk_attention_matches_decode_reference() -> None:
     ref = decode_attention_ref(q, layer.sink_k, layer.sink_v, layer.body_k, layer.body_v,
                                layer.win_k, layer.win_v, 0.25)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    assert layer.sink_k.shape[2] == 2 and layer.body_k.num_tokens == 24 and layer.win_k.shape[2] == 14
+    # 38 non-sink tokens: a first group shortened to 6 by the 2 sinks, 3 full groups, window 8
+    assert layer.sink_k.shape[2] == 2 and layer.body_k.num_tokens == 30 and layer.win_k.shape[2] == 8
+    assert layer.body_k.offset == 2 and layer.body_k.scale.shape[2] == 4
 
 
 def test_each_token_quantized_once() -> None:

@@ -56,14 +56,46 @@ def test_key_error_bound(bits: int, groups: int, g: int, heads: int, scale: floa
 
 @settings(max_examples=40, deadline=None)
 @given(bits=BITS, tokens=st.integers(1, 20), g=st.sampled_from([8, 16, 32]),
-       scale=st.floats(0.01, 50.0), seed=st.integers(0, 2**16))
-def test_value_error_bound(bits: int, tokens: int, g: int, scale: float, seed: int) -> None:
+       scale=st.floats(0.01, 50.0), seed=st.integers(0, 2**16), symmetric=st.booleans())
+def test_value_error_bound(bits: int, tokens: int, g: int, scale: float, seed: int,
+                           symmetric: bool) -> None:
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(1, 2, tokens, 32, generator=gen) * scale
-    block = quantize_values(v, bits, g)
+    block = quantize_values(v, bits, g, symmetric=symmetric)
     assert block.scale.shape == (1, 2, tokens, 32 // g)
+    assert (block.zero is None) == symmetric
     err = (dequantize(block) - v).abs()
     assert bool((err <= _bound(block, v)).all())
+
+
+def test_symmetric_values_store_no_zero() -> None:
+    """int2, groups of 64: 2.25 bits per value symmetric against 2.5 asymmetric."""
+    v = torch.randn(1, 1, 16, 64)
+    sym, asym = quantize_values(v, 2, 64, symmetric=True), quantize_values(v, 2, 64)
+    assert 8 * sym.nbytes() / v.numel() == 2.25 and 8 * asym.nbytes() / v.numel() == 2.5
+    grouped_max = v.abs().amax(-1)
+    assert torch.allclose(dequantize(sym).abs().amax(-1), grouped_max, rtol=2e-3)  # extremes exact
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=BITS, offset=st.integers(0, 15), groups=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_key_offset_shortens_the_first_group(bits: int, offset: int, groups: int, seed: int) -> None:
+    """With an offset the first group holds G - offset tokens and is quantized on its own."""
+    G = 16
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 2, groups * G - offset, 8, generator=gen)
+    block = quantize_keys(k, bits, G, offset=offset)
+    assert block.scale.shape[2] == groups and block.num_tokens == k.shape[2]
+    first = quantize_keys(k[:, :, :G - offset].contiguous(), bits, G - offset)
+    torch.testing.assert_close(dequantize(block)[:, :, :G - offset], dequantize(first))
+    assert bool(((dequantize(block) - k).abs() <= _bound_offset(block, k)).all())
+    rest = slice_block(block, G - offset, k.shape[2])
+    assert rest.offset == 0 and torch.equal(dequantize(rest), dequantize(block)[:, :, G - offset:])
+
+
+def _bound_offset(block, x: torch.Tensor) -> torch.Tensor:
+    s = block.scale.float().repeat_interleave(block.group_size, dim=2)[:, :, block.offset:]
+    return s / 2 + 1e-3 * x.abs().amax() + 1e-6
 
 
 def test_clip_search_never_worse_than_minmax() -> None:

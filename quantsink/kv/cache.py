@@ -48,10 +48,17 @@ class SinkQuantCache(Cache):
             check(config.max_cache_tokens >= need,
                   f"{len(positional)} sinks + window {config.window} + one key group do not fit in "
                   f"max_cache_tokens={config.max_cache_tokens}; allowed: >= {need}")
+        content = list(sink_map.content_token_ids) if sink_map is not None and config.content_sinks else []
+        check(not config.content_sinks or content,
+              "kv_cache.content_sinks=true needs a calibrated sink map with content-sink token ids "
+              "(from `quantsink inspect`); allowed: content_sinks: false without one")
         super().__init__(layers=[SinkQuantLayer(config) for _ in range(num_layers)])
         self.config, self.backend, self.positional = config, backend, sorted(positional)
+        self.content_ids = torch.tensor(content, dtype=torch.long)
         self.inv_freq: torch.Tensor | None = None
         self._padding: torch.Tensor | None = None
+        self._content_seen: dict[tuple[int, int], int] = {}  # (row, token id) -> occurrences kept
+        self._new_sinks: list[int] = []  # content-sink positions of the running forward
 
     @classmethod
     def from_recipe(cls, model: Any, recipe: Any, sink_map: Any = None,
@@ -79,6 +86,8 @@ class SinkQuantCache(Cache):
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.set_sinks(self._sink_positions())
+        if self._new_sinks:
+            layer.add_sinks(self._new_sinks)
         if self.config.rotate:
             h = hadamard(key_states.shape[-1], key_states.device, key_states.dtype)
             key_states, value_states = key_states @ h, value_states @ h
@@ -91,6 +100,32 @@ class SinkQuantCache(Cache):
             self._padding = attention_mask.bool().cpu()
         else:
             self._padding = None
+
+    def observe_tokens(self, input_ids: torch.Tensor | None) -> None:
+        """Content sinks: mark this forward's first occurrences of the sink-map token ids.
+
+        Called with the ``[B, L]`` input ids of every forward (after :meth:`set_padding`);
+        a position becomes a sink when any real row holds one of its first
+        ``content_sink_occurrences`` occurrences of a content-sink id there.
+        """
+        self._new_sinks = []
+        if self.content_ids.numel() == 0 or input_ids is None or input_ids.dim() != 2:
+            return
+        ids, start = input_ids.cpu(), self.get_seq_length()
+        hits = torch.isin(ids, self.content_ids)
+        if self._padding is not None:
+            hits &= self._padding[:, start:start + ids.shape[1]]
+        new = set()
+        for b, j in hits.nonzero().tolist():
+            key = (b, int(ids[b, j]))
+            if self._content_seen.get(key, 0) < self.config.content_sink_occurrences:
+                self._content_seen[key] = self._content_seen.get(key, 0) + 1
+                new.add(start + j)
+        self._new_sinks = sorted(new)
+
+    def reset(self) -> None:
+        super().reset()
+        self._content_seen, self._new_sinks = {}, []
 
     def _sink_positions(self) -> list[int]:
         if self._padding is None:

@@ -14,7 +14,11 @@ class KVConfig:
 
     Keys are quantized per channel in groups of ``key_group_size`` tokens, values per
     token in groups of ``value_group_size`` channels. ``num_sinks`` leading positions
-    (or the calibrated sink map) and the last ``window`` tokens stay in fp16/bf16.
+    (or the calibrated sink map) and the last ``window`` tokens stay in fp16/bf16. With
+    ``content_sinks``, the first ``content_sink_occurrences`` occurrences per sequence of
+    every content-sink token id of the calibrated sink map stay in fp16 too.
+    ``value_symmetric`` stores one scale per value group and no zero (see
+    :mod:`quantsink.kv.primitives`); ``rotate`` applies a Hadamard rotation to head_dim.
     """
 
     key_bits: int = 4
@@ -24,9 +28,11 @@ class KVConfig:
     num_sinks: int = 4
     window: int = 128
     content_sinks: bool = False
+    content_sink_occurrences: int = 1
     max_cache_tokens: int | None = None
     rotate: bool = False
     clip: bool = False
+    value_symmetric: bool = False
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -41,7 +47,8 @@ class KVConfig:
         check(self.window == 0 or self.window >= self.key_group_size,
               f"kv_cache.window={self.window} is shorter than one key group "
               f"({self.key_group_size}); allowed: 0 or >= key_group_size")
-        check(not self.content_sinks, "kv_cache.content_sinks=true is not supported yet; allowed: false")
+        check(self.content_sink_occurrences >= 1,
+              f"kv_cache.content_sink_occurrences must be >= 1, got {self.content_sink_occurrences}")
         if self.max_cache_tokens is not None:
             need = self.num_sinks + self.window + self.key_group_size
             check(self.max_cache_tokens >= need,

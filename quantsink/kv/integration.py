@@ -85,6 +85,7 @@ def attach(model: torch.nn.Module) -> None:
         cache = kwargs.get("past_key_values")
         if isinstance(cache, SinkQuantCache):
             cache.set_padding(kwargs.get("attention_mask"))
+            cache.observe_tokens(kwargs.get("input_ids", args[0] if args else None))
             tokens.append(_ACTIVE.set(cache))
         else:
             tokens.append(_ACTIVE.set(None))

@@ -2,7 +2,9 @@
 
 Flush schedule (the same for generation, chunked prefill and teacher-forced evaluation):
 after token ``t`` is appended, while the window holds at least ``window + G`` tokens its
-oldest ``G`` tokens are quantized into the body (``G`` = ``key_group_size``). So token
+oldest ``G`` tokens are quantized into the body (``G`` = ``key_group_size``). The first group
+is shortened by the number of sinks held (``PackedBlock.offset``), so key groups end where
+the token count (sinks included) is a multiple of ``G``. So token
 ``t`` already sees a group that its own arrival completed as quantized, and every token is
 quantized exactly once. StreamingLLM (``max_cache_tokens = M``): after the flush, while
 more than ``M`` tokens are held, the oldest body group is evicted (sinks never are).
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from quantsink.errors import QuantsinkError
+from quantsink.errors import QuantsinkError, check
 from quantsink.kv.config import KVConfig
 from quantsink.kv.primitives import (PackedBlock, cat_blocks, quantize_keys, quantize_values,
                                      slice_block)
@@ -63,6 +65,11 @@ class SinkQuantLayer(CacheLayerMixin):
         """Absolute positions kept in fp16 (call before the first update)."""
         self.sink_set = sorted(set(int(p) for p in positions))
 
+    def add_sinks(self, positions: list[int]) -> None:
+        """More sink positions (content sinks), none of them seen yet."""
+        check(all(p >= self.seen for p in positions), "sinks can only be added for tokens not yet stored")
+        self.sink_set = sorted(set(self.sink_set) | {int(p) for p in positions})
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.store_dtype = torch.bfloat16 if key_states.dtype == torch.bfloat16 else torch.float16
@@ -99,18 +106,32 @@ class SinkQuantLayer(CacheLayerMixin):
         return key_states, value_states
 
     def _flush(self, w0: int, new_times: torch.Tensor) -> None:
-        R, G = self.cfg.window, self.cfg.key_group_size
-        n_groups = max(0, (self.win_k.shape[2] - R) // G)
-        if n_groups == 0:
+        R, G, cfg = self.cfg.window, self.cfg.key_group_size, self.cfg
+        off = self._first_offset() if self.body_k is None else 0
+        over = self.win_k.shape[2] - R  # tokens beyond the window
+        if over < G - off:
             return
-        n = R + G * torch.arange(1, n_groups + 1) - w0  # 1-based index of the triggering token
-        cfg, k, v = self.cfg, self.win_k[:, :, :n_groups * G], self.win_v[:, :, :n_groups * G]
-        bk = quantize_keys(k.float(), cfg.key_bits, G, clip=cfg.clip)
-        bv = quantize_values(v.float(), cfg.value_bits, cfg.value_group_size, clip=cfg.clip)
+        sizes = torch.full((1 + (over - G + off) // G,), G)
+        sizes[0] = G - off  # the first group of the body may be shortened
+        total = int(sizes.sum())
+        n = R + sizes.cumsum(0) - w0  # 1-based index of the token that completes each group
+        k, v = self.win_k[:, :, :total], self.win_v[:, :, :total]
+        bk = quantize_keys(k.float(), cfg.key_bits, G, clip=cfg.clip, offset=off)
+        bv = quantize_values(v.float(), cfg.value_bits, cfg.value_group_size, clip=cfg.clip,
+                             symmetric=cfg.value_symmetric)
         self.body_k, self.body_v = cat_blocks(self.body_k, bk), cat_blocks(self.body_v, bv)
-        self.win_k, self.win_v = self.win_k[:, :, n_groups * G:], self.win_v[:, :, n_groups * G:]
+        self.win_k, self.win_v = self.win_k[:, :, total:], self.win_v[:, :, total:]
         self.step.flushed_k, self.step.flushed_v = k, v
-        self.step.flush_time = new_times[n - 1].repeat_interleave(G)
+        self.step.flush_time = new_times[n - 1].repeat_interleave(sizes)
+
+    def _first_offset(self) -> int:
+        """Key slots of the first group taken by the sinks, so groups end on multiples of G.
+
+        Not in StreamingLLM mode, whose evictions drop whole groups of ``G``.
+        """
+        if self.cfg.max_cache_tokens is not None:
+            return 0
+        return len(self.sink_pos) % self.cfg.key_group_size
 
     def _evictions(self, kept_before: int, L: int) -> torch.Tensor:
         """Times at which the oldest body groups leave the cache during this chunk."""

@@ -8,9 +8,16 @@ second half (int4); int2 holds the four quarters. A kernel unpacks a ``[T, P]`` 
 with shifts and masks into ``per`` contiguous ``[T, P]`` slices of the row, no shuffles.
 
 Quantization is asymmetric with fp16 ``scale`` and ``zero`` (the group minimum):
-``x ~= code * scale + zero`` with ``code`` in ``[0, 2**bits - 1]``.
+``x ~= code * scale + zero`` with ``code`` in ``[0, 2**bits - 1]``. Values may instead be
+symmetric (``zero is None``): the scale is the group's absolute maximum over
+``(2**bits - 1) / 2`` and the zero is implied, ``zero = -scale * (2**bits - 1) / 2``, so only
+the scale is stored (int2 with groups of 64: 2.25 bits instead of 2.5).
 
-- Keys: per channel, in groups of ``G`` tokens: ``scale``/``zero`` are ``[B, H, T // G, D]``.
+- Keys: per channel, in groups of ``G`` tokens: ``scale``/``zero`` are ``[B, H, (off + T) // G, D]``.
+  ``off`` (``PackedBlock.offset``, ``0 <= off < G``) shortens the first group to ``G - off``
+  tokens, so token ``t`` of the block is in group ``(off + t) // G``. The cache uses it to
+  let the fp16 sinks fill the first group's slots: groups then end on multiples of ``G``
+  counted from position 0 and no unfinished key group is left in fp16 at such a length.
 - Values: per token, in groups of ``G`` channels: ``scale``/``zero`` are ``[B, H, T, D // G]``.
 """
 from __future__ import annotations
@@ -96,42 +103,69 @@ class PackedBlock:
 
     codes: torch.Tensor  # uint8 [B, H, T, D * bits // 8]
     scale: torch.Tensor  # fp16: keys [B, H, T // G, D]; values [B, H, T, D // G]
-    zero: torch.Tensor  # fp16, same shape as scale
+    zero: torch.Tensor | None  # fp16, same shape as scale; None: symmetric (implied zero)
     bits: int
     group_size: int
     axis: str
+    offset: int = 0  # keys only: phantom tokens before the first (shortened) group
 
     @property
     def num_tokens(self) -> int:
         return self.codes.shape[-2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+
+    def zero_or_implied(self) -> torch.Tensor:
+        """The stored zero, or the implied ``-scale * (2**bits - 1) / 2`` of a symmetric block."""
+        if self.zero is not None:
+            return self.zero
+        return (self.scale.float() * (-((1 << self.bits) - 1) / 2)).to(self.scale.dtype)
 
 
-def quantize_keys(k: torch.Tensor, bits: int, group_size: int, clip: bool = False) -> PackedBlock:
+def quantize_keys(k: torch.Tensor, bits: int, group_size: int, clip: bool = False,
+                  offset: int = 0) -> PackedBlock:
     """Quantize keys ``[B, H, T, D]`` per channel in groups of ``group_size`` tokens.
 
-    ``T`` must be a multiple of ``group_size`` (the cache flushes whole groups).
+    ``offset + T`` must be a multiple of ``group_size`` (the cache flushes whole groups);
+    the first group holds ``group_size - offset`` tokens.
     ``clip``: search a per-group clipping ratio (see :func:`_minmax_quant`).
     """
     B, H, T, D = k.shape
-    check(T % group_size == 0, f"key tokens {T} must be a multiple of the group size {group_size}")
-    grouped = k.reshape(B, H, T // group_size, group_size, D)  # [B, H, T/G, G, D]
+    check(0 <= offset < group_size, f"key offset {offset} must be in [0, {group_size})")
+    check((offset + T) % group_size == 0,
+          f"key tokens {T} + offset {offset} must be a multiple of the group size {group_size}")
+    if offset:  # copies of the first token leave the first group's min/max unchanged
+        k = torch.cat([k[:, :, :1].expand(B, H, offset, D), k], dim=2)
+    n = offset + T
+    grouped = k.reshape(B, H, n // group_size, group_size, D)  # [B, H, n/G, G, D]
     codes, scale, zero = _minmax_quant(grouped, dim=3, bits=bits, clip=clip)
-    codes = codes.reshape(B, H, T, D)
-    return PackedBlock(pack(codes, bits), scale.squeeze(3), zero.squeeze(3), bits, group_size, "token")
+    codes = codes.reshape(B, H, n, D)[:, :, offset:]
+    return PackedBlock(pack(codes, bits), scale.squeeze(3), zero.squeeze(3), bits, group_size, "token",
+                       offset)
 
 
-def quantize_values(v: torch.Tensor, bits: int, group_size: int, clip: bool = False) -> PackedBlock:
-    """Quantize values ``[B, H, T, D]`` per token in groups of ``group_size`` channels."""
+def quantize_values(v: torch.Tensor, bits: int, group_size: int, clip: bool = False,
+                    symmetric: bool = False) -> PackedBlock:
+    """Quantize values ``[B, H, T, D]`` per token in groups of ``group_size`` channels.
+
+    ``symmetric``: store the scale only (see the module docstring); ``clip`` is ignored then.
+    """
     B, H, T, D = v.shape
     group_size = min(group_size, D)
     check(D % group_size == 0, f"head_dim {D} must be a multiple of the value group size {group_size}")
-    grouped = v.reshape(B, H, T, D // group_size, group_size)  # [B, H, T, D/G, G]
-    codes, scale, zero = _minmax_quant(grouped, dim=4, bits=bits, clip=clip)
+    grouped = v.float().reshape(B, H, T, D // group_size, group_size)  # [B, H, T, D/G, G]
+    if symmetric:  # x ~= (code - half) * scale
+        half = ((1 << bits) - 1) / 2
+        scale = (grouped.abs().amax(dim=4, keepdim=True) / half).to(torch.float16)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.round(grouped / scale.float() + half).clamp_(0, 2 * half).to(torch.uint8)
+        zero = None
+    else:
+        codes, scale, zero = _minmax_quant(grouped, dim=4, bits=bits, clip=clip)
+        zero = zero.squeeze(4)
     codes = codes.reshape(B, H, T, D)
-    return PackedBlock(pack(codes, bits), scale.squeeze(4), zero.squeeze(4), bits, group_size, "channel")
+    return PackedBlock(pack(codes, bits), scale.squeeze(4), zero, bits, group_size, "channel")
 
 
 def dequantize(block: PackedBlock, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -139,11 +173,15 @@ def dequantize(block: PackedBlock, dtype: torch.dtype = torch.float32) -> torch.
     codes = unpack(block.codes, block.bits).to(dtype)  # [B, H, T, D]
     B, H, T, D = codes.shape
     if block.axis == "token":
-        shape = (B, H, T // block.group_size, block.group_size, D)
+        off = block.offset
+        codes = torch.cat([codes.new_zeros(B, H, off, D), codes], dim=2) if off else codes
+        shape = (B, H, (off + T) // block.group_size, block.group_size, D)
         x = codes.reshape(shape) * block.scale.to(dtype).unsqueeze(3) + block.zero.to(dtype).unsqueeze(3)
+        return x.reshape(B, H, off + T, D)[:, :, off:]
     else:
         shape = (B, H, T, D // block.group_size, block.group_size)
-        x = codes.reshape(shape) * block.scale.to(dtype).unsqueeze(4) + block.zero.to(dtype).unsqueeze(4)
+        zero = block.zero_or_implied()
+        x = codes.reshape(shape) * block.scale.to(dtype).unsqueeze(4) + zero.to(dtype).unsqueeze(4)
     return x.reshape(B, H, T, D)
 
 
@@ -151,17 +189,24 @@ def cat_blocks(a: PackedBlock | None, b: PackedBlock) -> PackedBlock:
     """Append ``b`` after ``a`` along the token axis (no re-quantization)."""
     if a is None:
         return b
+    check(b.offset == 0, "only the first key block of a cache may have an offset")
+    check((a.zero is None) == (b.zero is None), "cannot append symmetric and asymmetric blocks")
+    zero = None if a.zero is None else torch.cat([a.zero, b.zero], 2)
     return PackedBlock(torch.cat([a.codes, b.codes], 2), torch.cat([a.scale, b.scale], 2),
-                       torch.cat([a.zero, b.zero], 2), a.bits, a.group_size, a.axis)
+                       zero, a.bits, a.group_size, a.axis, a.offset)
 
 
 def slice_block(block: PackedBlock, start: int, stop: int) -> PackedBlock:
-    """Tokens ``[start, stop)`` of ``block`` (for keys both must be multiples of the group size)."""
+    """Tokens ``[start, stop)`` of ``block`` (for keys both must be group boundaries)."""
+    off = 0
     if block.axis == "token":
-        g = block.group_size
-        check(start % g == 0 and stop % g == 0, f"key slice [{start}, {stop}) is not group aligned ({g})")
-        s_lo, s_hi = start // g, stop // g
+        g, off = block.group_size, block.offset
+        check((off + start) % g == 0 and (off + stop) % g == 0,
+              f"key slice [{start}, {stop}) is not group aligned ({g}, offset {off})")
+        s_lo, s_hi = (off + start) // g, (off + stop) // g
+        off = off if start == 0 else 0
     else:
         s_lo, s_hi = start, stop
+    zero = None if block.zero is None else block.zero[:, :, s_lo:s_hi]
     return PackedBlock(block.codes[:, :, start:stop], block.scale[:, :, s_lo:s_hi],
-                       block.zero[:, :, s_lo:s_hi], block.bits, block.group_size, block.axis)
+                       zero, block.bits, block.group_size, block.axis, off)
