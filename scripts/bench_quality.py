@@ -41,6 +41,10 @@ def kv_rows(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
     for name in KV_RECIPES:
         rows.append((f"{name}, no window", {"recipe": name, "window": 0}))
     rows.append(("kv-int2-sink without sinks, no window", {"recipe": "kv-int2-sink", "window": 0, "num_sinks": 0}))
+    rows.append(("kv-int2-sink + calibrated content sinks, no window",
+                 {"recipe": "kv-int2-sink", "window": 0, "content_sinks": True}))
+    rows.append(("kv-int2-sink with asymmetric values, no window",
+                 {"recipe": "kv-int2-sink", "window": 0, "value_symmetric": False}))
     rows.append(("kv-int2-sink without rotation, no window", {"recipe": "kv-int2-sink", "window": 0, "rotate": False}))
     for name in KV_RECIPES:
         rows.append((f"{name}, window 128", {"recipe": name}))
@@ -51,19 +55,30 @@ def run_kv(args: argparse.Namespace, store: dict, model, tok) -> None:
     ids = eval_tokens(tok, args.data, args.max_tokens)
     for name, spec in kv_rows(args):
         key = f"kv/{args.max_tokens}/{name}"
-        if key in store and not args.redo:
+        if (key in store and not args.redo) or not any(o in name for o in args.only):
             continue
-        kv = None
+        kv = sink_map = None
         if spec is not None:
             spec = dict(spec)
             kv = dataclasses.replace(resolve_kv_config(spec.pop("recipe")), **spec)
+            sink_map = content_sink_map(args, model, tok, kv) if kv.content_sinks else None
         t0 = time.time()
-        res = perplexity(model, ids, args.ctx, desc=name[:30], kv=kv)
+        res = perplexity(model, ids, args.ctx, desc=name[:30], kv=kv, sink_map=sink_map)
         res.update(name=name, window=kv.window if kv else 0, seconds=round(time.time() - t0, 1),
                    config=dataclasses.asdict(kv) if kv else None)
         store[key] = res
         save(args, store)
         print(f"{name}: ppl {res['ppl']:.3f} bits {res['kv_avg_bits']:.3f} ({res['seconds']} s)", flush=True)
+
+
+def content_sink_map(args: argparse.Namespace, model, tok, kv):
+    """The first ``num_sinks`` positions plus the content-sink ids calibrated on ``--calib``."""
+    from quantsink.calibration import calibrate
+    from quantsink.calibration.sinkmap import SinkMap
+
+    found = calibrate(model, tok, args.calib).sink_map
+    print(f"calibrated content sinks: {found.content_token_ids}", flush=True)
+    return SinkMap(positional=list(range(kv.num_sinks)), content_token_ids=found.content_token_ids)
 
 
 @torch.no_grad()
@@ -103,11 +118,14 @@ def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
                       "tokens": ids.numel(), "cache": args.stream_cache, "recipe": "none"}
         save(args, store)
     base = resolve_kv_config(args.stream_recipe)
-    for label, sinks in (("sinks kept", base.num_sinks or 4), ("sinks evicted", 0)):
+    sinks = base.num_sinks or 4
+    settings = (("sinks kept", dict(num_sinks=sinks)), ("sinks evicted", dict(num_sinks=0)),
+                ("control: sinks kept, 8-bit KV", dict(num_sinks=sinks, key_bits=8, value_bits=8)))
+    for label, change in settings:
         key = f"stream/{args.stream_tokens}/{args.stream_cache}/{label}"
-        if key in store and not args.redo:
+        if (key in store and not args.redo) or not any(o in label for o in args.only):
             continue
-        kv = dataclasses.replace(base, num_sinks=sinks, max_cache_tokens=args.stream_cache)
+        kv = dataclasses.replace(base, max_cache_tokens=args.stream_cache, **change)
         t0 = time.time()
         nll = stream_nll(model, ids, kv, args.stream_chunk)
         n = args.stream_window
@@ -167,7 +185,11 @@ def run_weights(args: argparse.Namespace, store: dict) -> None:
 
 
 def save(args: argparse.Namespace, store: dict) -> None:
+    """Merge ``store`` into the file (another run may have added rows meanwhile) and re-render."""
     args.store.parent.mkdir(parents=True, exist_ok=True)
+    on_disk = json.loads(args.store.read_text()) if args.store.exists() else {}
+    on_disk.update(store)
+    store.update(on_disk)
     args.store.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
     args.out.write_text(render(store))
 
@@ -224,6 +246,10 @@ def main() -> None:
     p.add_argument("--stream-recipe", default="kv-int4-sink")
     p.add_argument("--gen-recipe", default="kv-int4-sink")
     p.add_argument("--redo", action="store_true", help="re-measure rows already stored")
+    p.add_argument("--only", nargs="+", default=[""],
+                   help="KV and streaming rows whose name contains one of these")
+    p.add_argument("--calib", default=str(DATA.parent / "wiki.train.excerpt-1MB.raw"),
+                   help="calibration text for the content-sink rows")
     p.add_argument("--store", type=Path, default=ROOT / "docs" / "results" / "quality.json")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = p.parse_args()

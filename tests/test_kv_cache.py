@@ -32,7 +32,8 @@ def logits_by_steps(model, ids: torch.Tensor, cfg: KVConfig, chunk: int) -> torc
 
 @pytest.mark.parametrize("cfg", [
     KVConfig(key_bits=4, value_bits=4, key_group_size=16, value_group_size=16, window=32),
-    KVConfig(key_bits=2, value_bits=2, key_group_size=16, value_group_size=8, window=0, rotate=True),
+    KVConfig(key_bits=2, value_bits=2, key_group_size=16, value_group_size=8, window=0, rotate=True,
+             value_symmetric=True),  # 4 sinks shorten the first key group (offset 4)
 ])
 def test_teacher_forced_equals_token_by_token(cfg: KVConfig) -> None:
     model = tiny_llama()
@@ -97,6 +98,7 @@ def test_memory_8192_tokens(recipe: str, limit: float) -> None:
     ({"key_bits": 3}, "key_bits=3"), ({"value_group_size": 0}, "value_group_size"),
     ({"window": 16, "key_group_size": 32}, "window=16"),
     ({"num_sinks": 200, "window": 64, "max_cache_tokens": 128}, "max_cache_tokens=128"),
+    ({"content_sinks": True, "content_sink_occurrences": 0}, "content_sink_occurrences"),
 ])
 def test_bad_config_one_line(kwargs: dict, needle: str) -> None:
     with pytest.raises(QuantsinkError) as err:
@@ -153,3 +155,30 @@ def test_sink_map_positions_non_contiguous() -> None:
         layer = cache.layers[0]
         assert layer.sink_pos == [0, 5] and layer.positions()[:3].tolist() == [0, 5, 1]
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("occurrences,expected", [(1, [0, 30]), (2, [0, 30, 50])])
+def test_content_sinks_keep_first_occurrences(occurrences: int, expected: list[int]) -> None:
+    """Calibrated content-sink ids: their first occurrences are fp16 sinks, in any chunking."""
+    from quantsink.calibration.sinkmap import SinkMap
+
+    model = tiny_llama()
+    cfg = KVConfig(key_bits=2, value_bits=2, key_group_size=16, value_group_size=16, window=0,
+                   content_sinks=True, content_sink_occurrences=occurrences)
+    ids = torch.randint(10, 96, (1, 120), generator=torch.Generator().manual_seed(7))
+    ids[0, [30, 50, 90]] = 7
+    sink_map = SinkMap(positional=[0], content_token_ids=[7])
+    results = []
+    for chunk in (120, 1, 37):
+        cache = SinkQuantCache(cfg, 2, sink_map=sink_map).attach(model)
+        with torch.no_grad():
+            results.append(torch.cat([model(ids[:, a:a + chunk], past_key_values=cache).logits
+                                      for a in range(0, 120, chunk)], 1))
+        assert [layer.sink_pos for layer in cache.layers] == [expected, expected]
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[2], results[0], atol=1e-4, rtol=1e-4)
+
+
+def test_content_sinks_need_a_sink_map() -> None:
+    with pytest.raises(QuantsinkError, match="content_sinks=true needs a calibrated sink map"):
+        SinkQuantCache(KVConfig(content_sinks=True), 2)

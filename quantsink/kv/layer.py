@@ -52,6 +52,7 @@ class SinkQuantLayer(CacheLayerMixin):
         super().__init__()
         self.cfg = config
         self.sink_set: list[int] = []
+        self.key_offset = 0
         self.sink_pos: list[int] = []
         self.seen = 0  # tokens seen, evicted included (get_seq_length)
         self.n_nonsink = 0
@@ -64,6 +65,7 @@ class SinkQuantLayer(CacheLayerMixin):
     def set_sinks(self, positions: list[int]) -> None:
         """Absolute positions kept in fp16 (call before the first update)."""
         self.sink_set = sorted(set(int(p) for p in positions))
+        self.key_offset = sum(p < self.cfg.key_group_size for p in self.sink_set) % self.cfg.key_group_size
 
     def add_sinks(self, positions: list[int]) -> None:
         """More sink positions (content sinks), none of them seen yet."""
@@ -127,11 +129,11 @@ class SinkQuantLayer(CacheLayerMixin):
     def _first_offset(self) -> int:
         """Key slots of the first group taken by the sinks, so groups end on multiples of G.
 
+        Counts the sinks known before the first update that lie in the first ``G`` positions
+        (content sinks found later do not count, so every chunking flushes the same groups).
         Not in StreamingLLM mode, whose evictions drop whole groups of ``G``.
         """
-        if self.cfg.max_cache_tokens is not None:
-            return 0
-        return len(self.sink_pos) % self.cfg.key_group_size
+        return 0 if self.cfg.max_cache_tokens is not None else self.key_offset
 
     def _evictions(self, kept_before: int, L: int) -> torch.Tensor:
         """Times at which the oldest body groups leave the cache during this chunk."""
