@@ -40,3 +40,32 @@ def test_eval_cli_bad_window(test_path, capsys) -> None:
     rc = main(["eval", "--recipe", "kv-int2-sink", "--window", "10", "--data", str(test_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "window=10" in err and err.count("\n") == 1
+
+
+def test_eval_cli_bad_calibration(test_path, tmp_path, capsys) -> None:
+    rc = main(["eval", "--recipe", "kv-int2-sink", "--calibration", str(tmp_path), "--data", str(test_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not a calibration artifact" in err and err.count("\n") == 1
+
+
+def test_content_sinks_on_the_real_model(smollm, test_path) -> None:
+    """The first " the" of a window (a calibrated content sink of SmolLM2) is kept in fp16."""
+    import dataclasses
+
+    import torch
+
+    from quantsink.calibration.sinkmap import SinkMap
+    from quantsink.kv.cache import SinkQuantCache
+
+    model, tok = smollm
+    ids = eval_tokens(tok, test_path, 256)
+    the = tok(" the")["input_ids"][0]
+    cfg = KVConfig(key_bits=2, value_bits=2, window=0, rotate=True, value_symmetric=True, content_sinks=True)
+    cache = SinkQuantCache.from_recipe(model, cfg, sink_map=SinkMap(positional=[0, 1, 2, 3],
+                                                                     content_token_ids=[the]))
+    with torch.no_grad():
+        model(ids[None], past_key_values=cache)
+    first = int((ids == the).nonzero()[0, 0])
+    assert cache.layers[5].sink_pos == [0, 1, 2, 3, first]
+    plain = perplexity(model, ids, 256, progress=False, kv=dataclasses.replace(cfg, content_sinks=False))
+    assert cache.avg_bits() > plain["kv_avg_bits"]  # the extra fp16 token is counted

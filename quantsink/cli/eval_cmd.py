@@ -19,6 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default=None, help="recipe name or YAML with a kv_cache section")
     p.add_argument("--window", type=int, default=None,
                    help="fp16 recent window in tokens, overriding the recipe (0 = none)")
+    p.add_argument("--calibration", default=None,
+                   help="a calibration artifact directory (from `quantsink inspect`): its sink map "
+                        "(positional and content sinks) replaces the recipe's first num_sinks positions")
     p.add_argument("--data", required=True, help="evaluation text (e.g. wiki.test.raw)")
     p.add_argument("--ctx", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--max-tokens", type=int, default=65536, help="leading tokens used (default 65536)")
@@ -36,10 +39,16 @@ def run(args: argparse.Namespace) -> int:
     check(args.max_tokens >= args.ctx, f"--max-tokens {args.max_tokens} is shorter than one window "
                                        f"(--ctx {args.ctx}); allowed: >= --ctx")
     kv = _kv_config(args.recipe, args.window)
+    check(args.calibration is None or kv is not None, "--calibration needs --recipe (it sets the KV sinks)")
+    sink_map = None
+    if args.calibration is not None:
+        from quantsink.calibration import CalibrationResult
+
+        sink_map = CalibrationResult.load(args.calibration).sink_map
     model, tok = load_model(args.model)
     ids = eval_tokens(tok, args.data, args.max_tokens)
     check(ids.numel() >= args.ctx, f"{args.data} has {ids.numel()} tokens, fewer than --ctx {args.ctx}")
-    result = perplexity(model, ids, args.ctx, progress=not args.no_progress, kv=kv)
+    result = perplexity(model, ids, args.ctx, progress=not args.no_progress, kv=kv, sink_map=sink_map)
     result.update(window=kv.window if kv is not None else 0, recipe=args.recipe, model=args.model,
                   ctx=args.ctx)
     print(f"ppl {result['ppl']:.4f}  tokens {result['tokens']}  kv_avg_bits {result['kv_avg_bits']:.3f}"
