@@ -111,6 +111,12 @@ def _check_body(bk: PackedBlock, bv: PackedBlock, B: int, Hkv: int, D: int, devi
     _require(D % gv == 0, lambda: f"head_dim {D} must be a multiple of the value group size {gv}")
     ks, vs = (B, Hkv, (off + T) // gk, D), (B, Hkv, T, D // gv)
     _require(bk.scale.shape == ks and bk.zero.shape == ks, lambda: f"body_k scale/zero must be {ks}")
+    if bk.outlier_idx is not None:
+        n_out = bk.outlier_idx.shape[3] if bk.outlier_idx.dim() == 5 else -1
+        os_ = (*ks[:3], n_out, D)
+        _require(n_out > 0 and bk.outlier_idx.shape == os_ and bk.outlier_idx.dtype == torch.uint8
+                 and bk.outlier_delta is not None and bk.outlier_delta.shape == os_,
+                 lambda: f"body_k outlier_idx (uint8) and outlier_delta must be {os_}")
     _require(bk.zero is not None, lambda: "body_k must store its zero (symmetric keys are not supported)")
     _require(bv.scale.shape == vs and (bv.zero is None or bv.zero.shape == vs),
              lambda: f"body_v scale/zero must be {vs}")
@@ -183,11 +189,15 @@ def launch(kernel, reduce_kernel, interpret: bool, q, sink_k, sink_v, body_k, bo
 def _body_args(q: torch.Tensor, body_k: PackedBlock | None, body_v: PackedBlock | None) -> list:
     """Pointers and strides of the packed body (dummies when there is none)."""
     if body_k is None:
-        return [q, 0, 0, 0, q, q, 0, 0, 0] * 2
+        return [q, 0, 0, 0, q, q, 0, 0, 0] * 2 + [q, q, 0, 0, 0]
     kc, vc = _contig(body_k.codes), _contig(body_v.codes)
     ks, kz, ks_st = _pair(body_k.scale, body_k.zero)
     vs, vz, vs_st = _pair(body_v.scale, body_v.scale if body_v.zero is None else body_v.zero)
-    return [kc, *kc.stride()[:3], ks, kz, *ks_st, vc, *vc.stride()[:3], vs, vz, *vs_st]
+    out = [q, q, 0, 0, 0]
+    if body_k.outlier_idx is not None:
+        oi, od = body_k.outlier_idx.contiguous(), body_k.outlier_delta.contiguous()
+        out = [oi, od, *oi.stride()[:3]]
+    return [kc, *kc.stride()[:3], ks, kz, *ks_st, vc, *vc.stride()[:3], vs, vz, *vs_st, *out]
 
 
 def _region(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
@@ -220,9 +230,13 @@ def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
     kernel[(B * Hkv, splits, geo.m_blocks)](
         q, qs, out, po, pm, pl, mask, 0 if key_mask is None else mask.stride(0),
         *_region(q, sink_k, sink_v), *_region(q, win_k, win_v), *body,
-        Hkv, geo.R, r_pad, Lq, S0, T, 0 if body_k is None else body_k.offset, W, geo.gk, splits, scale * 1.4426950408889634,
+        Hkv, geo.R, r_pad, Lq, S0, T, 0 if body_k is None else body_k.offset, W, geo.gk, splits,
+        scale * 1.4426950408889634,
         D=D, BLOCK_M=geo.block_m, NG=geo.ng, GV=geo.gv, BLOCK_N=geo.block_n, DENSE_N=geo.dense_n, KBITS=kbits,
-        VBITS=vbits, VSYM=body_v is not None and body_v.zero is None, HAS_BODY=body_k is not None, HAS_MASK=key_mask is not None,
+        VBITS=vbits, VSYM=body_v is not None and body_v.zero is None,
+        NOUT=0 if body_k is None or body_k.outlier_idx is None else body_k.outlier_idx.shape[3],
+        HAS_BODY=body_k is not None,
+        HAS_MASK=key_mask is not None,
         IS_CAUSAL=Lq > 1, SINGLE_SPLIT=splits == 1, CDT=cdt, EXP_TRICK=q.dtype == torch.float16,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", HILO=q.dtype != torch.float32,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)

@@ -123,12 +123,40 @@ def _body_scores(qv0, qv1, qv2, qv3, kb, sk_ptr, zk_ptr, MR: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _outlier_part(s, qv, oi_base, od_base, slot, I: tl.constexpr, PK: tl.constexpr, D: tl.constexpr,
+                  NOUT: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr):
+    """Add q . delta for the fp16 key outliers of channels [I*PK, (I+1)*PK) of this tile."""
+    cols = I * PK + tl.arange(0, PK)
+    corr = tl.zeros([BLOCK_N, PK], dtype=tl.float32)  # [slot, channel]: delta where an outlier sits
+    for j in tl.static_range(NOUT):
+        oi = tl.load(oi_base + j * D + cols).to(tl.int32)
+        od = tl.load(od_base + j * D + cols).to(tl.float32)
+        corr += tl.where(oi[None, :] == slot[:, None], od[None, :], 0.0)
+    return tl.dot(qv.to(CDT), tl.trans(corr.to(CDT)), s, input_precision=PREC)
+
+
+@triton.jit
+def _outlier_scores(s, qv0, qv1, qv2, qv3, oi_base, od_base, slot, D: tl.constexpr,
+                    KBITS: tl.constexpr, NOUT: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr,
+                    PREC: tl.constexpr):
+    """Scores of a packed key tile plus the corrections of its group's fp16 outliers."""
+    PK: tl.constexpr = D * KBITS // 8
+    s = _outlier_part(s, qv0, oi_base, od_base, slot, 0, PK, D, NOUT, BLOCK_N, CDT, PREC)
+    if KBITS <= 4:
+        s = _outlier_part(s, qv1, oi_base, od_base, slot, 1, PK, D, NOUT, BLOCK_N, CDT, PREC)
+    if KBITS == 2:
+        s = _outlier_part(s, qv2, oi_base, od_base, slot, 2, PK, D, NOUT, BLOCK_N, CDT, PREC)
+        s = _outlier_part(s, qv3, oi_base, od_base, slot, 3, PK, D, NOUT, BLOCK_N, CDT, PREC)
+    return s
+
+
+@triton.jit
 def _body_tile(acc0, acc1, acc2, acc3, zacc, m_i, l_i, qv0, qv1, qv2, qv3, tb, kc_base, kc_st,
-               ks_base, kz_base, ks_sg, vc_base, vc_st, vs_base, vz_base, vs_st, pos0, gsel,
-               mask_base, limit, GK, OFF, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               MR: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr,
-               VBITS: tl.constexpr, VSYM: tl.constexpr, CDT: tl.constexpr, EXP_TRICK: tl.constexpr,
-               PREC: tl.constexpr):
+               ks_base, kz_base, ks_sg, vc_base, vc_st, vs_base, vz_base, vs_st, oi_base, od_base,
+               o_sg, pos0, gsel, mask_base, limit, GK, OFF, HAS_MASK: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+               KBITS: tl.constexpr, VBITS: tl.constexpr, VSYM: tl.constexpr, NOUT: tl.constexpr,
+               CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr):
     """One tile of the packed body: key scales folded into q, value scales into p.
 
     Tile ``tb`` covers key slots ``[tb * BLOCK_N, (tb + 1) * BLOCK_N)`` of one key group; the
@@ -141,6 +169,10 @@ def _body_tile(acc0, acc1, acc2, acc3, zacc, m_i, l_i, qv0, qv1, qv2, qv3, tb, k
                  mask=real[:, None], other=0)
     s = _body_scores(qv0, qv1, qv2, qv3, kb, ks_base + grp * ks_sg, kz_base + grp * ks_sg, MR, BLOCK_N,
                      D, KBITS, CDT, EXP_TRICK, PREC)
+    if NOUT > 0:  # slots count the first group's phantoms, as the outlier slots do
+        slot = (tb * BLOCK_N) % GK + tl.arange(0, BLOCK_N)
+        s = _outlier_scores(s, qv0, qv1, qv2, qv3, oi_base + grp * o_sg, od_base + grp * o_sg, slot, D,
+                            KBITS, NOUT, BLOCK_N, CDT, PREC)
     ok = _key_ok(real, pos0 + tok, mask_base, limit, HAS_MASK, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i)
     vs = tl.load(vs_base + tok[None, :] * vs_st + gsel[:, None], mask=real[None, :], other=0.0)

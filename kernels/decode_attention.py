@@ -7,6 +7,8 @@ the three regions) and a block of query rows; :func:`_reduce_kernel` merges the 
 - GQA: the ``g * Lq`` queries that share a KV head are the rows of one ``tl.dot``.
 - Keys (per-channel scales in groups of ``Gk`` tokens): one tile lies in one group, so the
   scale folds into the query (``(q * s) . code``) and the zero into a per-row bias (``q . z``).
+  fp16 key outliers (a slot and a correction per channel and group) add ``q . delta`` through
+  one more small dot per part.
 - Values (per-token scales in groups of ``Gv`` channels): every query row is repeated once per
   value group (``NG = D // Gv`` rows), row ``(m, g)`` multiplies ``p`` by the scales of group
   ``g``, and each output channel finally reads the row of its own group. The repeats fill the
@@ -65,10 +67,10 @@ def _sink_decode_attention_kernel(
         sk_ptr, sv_ptr, s_sb, s_sh, s_st, wk_ptr, wv_ptr, w_sb, w_sh, w_st,
         kc_ptr, kc_sb, kc_sh, kc_st, ks_ptr, kz_ptr, ks_sb, ks_sh, ks_sg,
         vc_ptr, vc_sb, vc_sh, vc_st, vs_ptr, vz_ptr, vs_sb, vs_sh, vs_st,
-        Hkv, R, R_PAD, Lq, S0, T, OFF, W, GK, SPLITS, qk_scale,
+        oi_ptr, od_ptr, o_sb, o_sh, o_sg, Hkv, R, R_PAD, Lq, S0, T, OFF, W, GK, SPLITS, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr, GV: tl.constexpr,
         BLOCK_N: tl.constexpr, DENSE_N: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
-        VSYM: tl.constexpr, HAS_BODY: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+        VSYM: tl.constexpr, NOUT: tl.constexpr, HAS_BODY: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
         SINGLE_SPLIT: tl.constexpr, CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr,
         HILO: tl.constexpr):
     """Program (KV head of a sequence, split, query-row block): online softmax over its tiles.
@@ -106,9 +108,10 @@ def _sink_decode_attention_kernel(
                 acc0, acc1, acc2, acc3, zacc, m_i, l_i, qv0, qv1, qv2, qv3, t - n_s,
                 kc_ptr + b * kc_sb + h * kc_sh, kc_st, ks_ptr + b * ks_sb + h * ks_sh,
                 kz_ptr + b * ks_sb + h * ks_sh, ks_sg, vc_ptr + b * vc_sb + h * vc_sh, vc_st,
-                vs_ptr + b * vs_sb + h * vs_sh, vz_ptr + b * vs_sb + h * vs_sh, vs_st, S0, gsel,
-                mask_base, limit, GK, OFF, HAS_MASK, IS_CAUSAL, MR, BLOCK_N, D, KBITS, VBITS, VSYM, CDT,
-                EXP_TRICK, PREC)
+                vs_ptr + b * vs_sb + h * vs_sh, vz_ptr + b * vs_sb + h * vs_sh, vs_st,
+                oi_ptr + b * o_sb + h * o_sh, od_ptr + b * o_sb + h * o_sh, o_sg, S0, gsel,
+                mask_base, limit, GK, OFF, HAS_MASK, IS_CAUSAL, MR, BLOCK_N, D, KBITS, VBITS, VSYM, NOUT,
+                CDT, EXP_TRICK, PREC)
         acc0, acc1 = acc0 + zacc[:, None], acc1 + zacc[:, None]  # the window tiles rescale acc only
         acc2, acc3 = acc2 + zacc[:, None], acc3 + zacc[:, None]
     for t in range(tl.maximum(lo, n_s + n_b), hi):  # fp16 window

@@ -43,8 +43,8 @@ def kv_rows(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
     rows.append(("kv-int2-sink without sinks, no window", {"recipe": "kv-int2-sink", "window": 0, "num_sinks": 0}))
     rows.append(("kv-int2-sink + calibrated content sinks, no window",
                  {"recipe": "kv-int2-sink", "window": 0, "content_sinks": True}))
-    rows.append(("kv-int2-sink with asymmetric values, no window",
-                 {"recipe": "kv-int2-sink", "window": 0, "value_symmetric": False}))
+    rows.append(("kv-int2-sink without key outliers, no window",
+                 {"recipe": "kv-int2-sink", "window": 0, "key_outliers": 0}))
     rows.append(("kv-int2-sink without rotation, no window", {"recipe": "kv-int2-sink", "window": 0, "rotate": False}))
     for name in KV_RECIPES:
         rows.append((f"{name}, window 128", {"recipe": name}))

@@ -19,7 +19,7 @@ ATOL = {torch.float16: 2e-3, torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def make_case(B=2, Hkv=2, g=4, Lq=1, D=64, S0=3, T=128, W=37, kbits=4, vbits=4, gk=64, gv=64,
-              dtype=torch.float16, key_mask=False, q_sink=False, seed=0, off=0, vsym=False):
+              dtype=torch.float16, key_mask=False, q_sink=False, seed=0, off=0, vsym=False, nout=0):
     """Random inputs in which the sinks take about half of the attention mass."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -33,7 +33,7 @@ def make_case(B=2, Hkv=2, g=4, Lq=1, D=64, S0=3, T=128, W=37, kbits=4, vbits=4, 
         qm = q.reshape(B, Hkv, g * Lq, D).mean(2)  # [B, Hkv, D]
         target = torch.log(torch.tensor(float(S0 + T + W))) + 0.5
         sink_k[:, :, 0] = qm * (target / (qm.pow(2).sum(-1, keepdim=True) * scale))
-    body_k = quantize_keys(randn(B, Hkv, T, D) + 0.5, kbits, gk, offset=off) if T else None
+    body_k = quantize_keys(randn(B, Hkv, T, D) + 0.5, kbits, gk, offset=off, outliers=nout) if T else None
     body_v = quantize_values(randn(B, Hkv, T, D), vbits, gv, symmetric=vsym) if T else None
     win_k, win_v = randn(B, Hkv, W, D), randn(B, Hkv, W, D)
     S = S0 + T + W
@@ -48,6 +48,8 @@ def make_case(B=2, Hkv=2, g=4, Lq=1, D=64, S0=3, T=128, W=37, kbits=4, vbits=4, 
         if blk is not None:
             blk.codes, blk.scale = blk.codes.to(DEVICE), blk.scale.to(DEVICE)
             blk.zero = None if blk.zero is None else blk.zero.to(DEVICE)
+            if blk.outlier_idx is not None:
+                blk.outlier_idx, blk.outlier_delta = blk.outlier_idx.to(DEVICE), blk.outlier_delta.to(DEVICE)
     return (*cast, body_k, body_v, *rest, scale,
             None if mask is None else mask.to(DEVICE), None if qs is None else qs.to(DEVICE, dtype))
 
@@ -112,6 +114,8 @@ CASES = {
     "key_offset_whole_tile": dict(S0=70, T=58, off=70, gk=128, W=3),  # first body tile all phantom
     "symmetric_values_int2": dict(S0=4, T=124, off=4, kbits=2, vbits=2, vsym=True, W=30),
     "symmetric_values_int4_g32": dict(T=96, gk=32, gv=32, vsym=True, key_mask=True),
+    "key_outliers_int2_g128": dict(S0=4, T=252, off=4, gk=128, nout=2, kbits=2, vbits=2, vsym=True, W=20),
+    "key_outliers_int4_d128": dict(D=128, T=128, nout=1, key_mask=True),
     "causal_lq20_row_blocks": dict(Lq=20, g=4, B=1, Hkv=1, T=64, W=40),  # 80 rows: 2 programs in M
 }
 
@@ -125,6 +129,7 @@ def test_matches_reference(name):
 def test_split_k_reduce(splits):
     assert_close(make_case(T=192, W=37, key_mask=True, q_sink=True, seed=splits), num_splits=splits)
     assert_close(make_case(S0=4, T=188, off=4, W=37, seed=splits), num_splits=splits)
+    assert_close(make_case(S0=4, T=252, off=4, gk=128, nout=2, kbits=2, seed=splits), num_splits=splits)
 
 
 @pytest.mark.parametrize("name", ["unaligned_int4_g32", "int2_d128", "gqa8"])
@@ -185,3 +190,12 @@ def test_bf16_on_gpu():
 def test_interpreter_is_active_without_gpu():
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_key_outliers_matter_in_the_comparison():
+    """The outlier case is sensitive: dropping the corrections moves the output well past ATOL."""
+    args = list(make_case(**CASES["key_outliers_int2_g128"]))
+    ref = exact_reference(args)
+    body_k = args[3]
+    body_k.outlier_delta = torch.zeros_like(body_k.outlier_delta)
+    assert (exact_reference(args) - ref).abs().max() > 10 * ATOL[torch.float16]

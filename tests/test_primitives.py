@@ -115,3 +115,23 @@ def test_cat_and_slice_blocks_match_whole() -> None:
     assert torch.equal(dequantize(tail), dequantize(whole)[:, :, 32:])
     v = quantize_values(k, 2, 8)
     assert torch.equal(dequantize(slice_block(v, 5, 50)), dequantize(v)[:, :, 5:50])
+
+
+@settings(max_examples=25, deadline=None)
+@given(outliers=st.integers(1, 3), offset=st.sampled_from([0, 4]), seed=st.integers(0, 2**16))
+def test_key_outliers_shrink_the_range_and_are_kept(outliers: int, offset: int, seed: int) -> None:
+    """k extreme entries per channel and group leave the range and come back (nearly) exact."""
+    G = 32
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 2, 2 * G - offset, 16, generator=gen)
+    k[0, 1, 9, 3] = 25.0  # a spike in channel 3 of head 1
+    plain, sparse = quantize_keys(k, 2, G, offset=offset), quantize_keys(k, 2, G, offset=offset, outliers=outliers)
+    assert sparse.outlier_idx.shape == (1, 2, 2, outliers, 16) and sparse.outlier_idx.dtype == torch.uint8
+    assert bool((sparse.scale <= plain.scale + 1e-3).all())  # never a wider range
+    assert sparse.scale[0, 1, 0, 3] < plain.scale[0, 1, 0, 3] / 4  # the spike no longer sets it
+    deq = dequantize(sparse)
+    assert abs(deq[0, 1, 9, 3].item() - 25.0) < 0.02  # kept in fp16
+    assert (deq - k).square().sum() < (dequantize(plain) - k).square().sum()
+    assert sparse.nbytes() - plain.nbytes() == 2 * 2 * outliers * 16 * 3  # uint8 slot + fp16 delta
+    halves = cat_blocks(slice_block(sparse, 0, G - offset), slice_block(sparse, G - offset, 2 * G - offset))
+    assert torch.equal(dequantize(halves), deq)

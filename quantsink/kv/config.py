@@ -18,7 +18,9 @@ class KVConfig:
     ``content_sinks``, the first ``content_sink_occurrences`` occurrences per sequence of
     every content-sink token id of the calibrated sink map stay in fp16 too.
     ``value_symmetric`` stores one scale per value group and no zero (see
-    :mod:`quantsink.kv.primitives`); ``rotate`` applies a Hadamard rotation to head_dim.
+    :mod:`quantsink.kv.primitives`); ``key_outliers`` keeps that many fp16 outliers per
+    channel and key group (:mod:`quantsink.kv.outliers`); ``rotate`` applies a Hadamard
+    rotation to head_dim.
     """
 
     key_bits: int = 4
@@ -33,6 +35,7 @@ class KVConfig:
     rotate: bool = False
     clip: bool = False
     value_symmetric: bool = False
+    key_outliers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -47,6 +50,9 @@ class KVConfig:
         check(self.window == 0 or self.window >= self.key_group_size,
               f"kv_cache.window={self.window} is shorter than one key group "
               f"({self.key_group_size}); allowed: 0 or >= key_group_size")
+        check(0 <= self.key_outliers < self.key_group_size // 2,
+              f"kv_cache.key_outliers={self.key_outliers} is not supported; allowed: 0 to "
+              f"{self.key_group_size // 2 - 1} per key group of {self.key_group_size}")
         check(self.content_sink_occurrences >= 1,
               f"kv_cache.content_sink_occurrences must be >= 1, got {self.content_sink_occurrences}")
         if self.max_cache_tokens is not None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from quantsink.errors import check
+from quantsink.kv import outliers as outliers_mod
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -108,13 +109,16 @@ class PackedBlock:
     group_size: int
     axis: str
     offset: int = 0  # keys only: phantom tokens before the first (shortened) group
+    outlier_idx: torch.Tensor | None = None  # keys only: uint8 [B, H, n_groups, k, D] (see outliers)
+    outlier_delta: torch.Tensor | None = None  # fp16, same shape: exact minus dequantized
 
     @property
     def num_tokens(self) -> int:
         return self.codes.shape[-2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+        parts = (self.codes, self.scale, self.zero, self.outlier_idx, self.outlier_delta)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def zero_or_implied(self) -> torch.Tensor:
         """The stored zero, or the implied ``-scale * (2**bits - 1) / 2`` of a symmetric block."""
@@ -124,25 +128,33 @@ class PackedBlock:
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group_size: int, clip: bool = False,
-                  offset: int = 0) -> PackedBlock:
+                  offset: int = 0, outliers: int = 0) -> PackedBlock:
     """Quantize keys ``[B, H, T, D]`` per channel in groups of ``group_size`` tokens.
 
     ``offset + T`` must be a multiple of ``group_size`` (the cache flushes whole groups);
     the first group holds ``group_size - offset`` tokens.
     ``clip``: search a per-group clipping ratio (see :func:`_minmax_quant`).
+    ``outliers``: per group and channel, this many fp16 outliers (see :mod:`.outliers`).
     """
     B, H, T, D = k.shape
     check(0 <= offset < group_size, f"key offset {offset} must be in [0, {group_size})")
     check((offset + T) % group_size == 0,
           f"key tokens {T} + offset {offset} must be a multiple of the group size {group_size}")
-    if offset:  # copies of the first token leave the first group's min/max unchanged
-        k = torch.cat([k[:, :, :1].expand(B, H, offset, D), k], dim=2)
+    if offset:  # phantoms at the first group's mean: never its min, max or an outlier
+        k = torch.cat([k[:, :, :group_size - offset].mean(2, keepdim=True).expand(B, H, offset, D), k], dim=2)
     n = offset + T
-    grouped = k.reshape(B, H, n // group_size, group_size, D)  # [B, H, n/G, G, D]
-    codes, scale, zero = _minmax_quant(grouped, dim=3, bits=bits, clip=clip)
+    grouped = k.float().reshape(B, H, n // group_size, group_size, D)  # [B, H, n/G, G, D]
+    idx = delta = None
+    if outliers:
+        idx = outliers_mod.select(grouped, outliers)
+        codes, scale, zero = _quant_range(grouped, *outliers_mod.inlier_range(grouped, idx), bits)
+        delta = outliers_mod.corrections(grouped, codes * scale.float() + zero.float(), idx)
+        idx = idx.to(torch.uint8)
+    else:
+        codes, scale, zero = _minmax_quant(grouped, dim=3, bits=bits, clip=clip)
     codes = codes.reshape(B, H, n, D)[:, :, offset:]
     return PackedBlock(pack(codes, bits), scale.squeeze(3), zero.squeeze(3), bits, group_size, "token",
-                       offset)
+                       offset, idx, delta)
 
 
 def quantize_values(v: torch.Tensor, bits: int, group_size: int, clip: bool = False,
@@ -177,6 +189,8 @@ def dequantize(block: PackedBlock, dtype: torch.dtype = torch.float32) -> torch.
         codes = torch.cat([codes.new_zeros(B, H, off, D), codes], dim=2) if off else codes
         shape = (B, H, (off + T) // block.group_size, block.group_size, D)
         x = codes.reshape(shape) * block.scale.to(dtype).unsqueeze(3) + block.zero.to(dtype).unsqueeze(3)
+        if block.outlier_idx is not None:
+            x = outliers_mod.apply(x, block.outlier_idx, block.outlier_delta)
         return x.reshape(B, H, off + T, D)[:, :, off:]
     else:
         shape = (B, H, T, D // block.group_size, block.group_size)
@@ -192,8 +206,11 @@ def cat_blocks(a: PackedBlock | None, b: PackedBlock) -> PackedBlock:
     check(b.offset == 0, "only the first key block of a cache may have an offset")
     check((a.zero is None) == (b.zero is None), "cannot append symmetric and asymmetric blocks")
     zero = None if a.zero is None else torch.cat([a.zero, b.zero], 2)
+    idx, delta = a.outlier_idx, a.outlier_delta
+    if idx is not None:
+        idx, delta = torch.cat([idx, b.outlier_idx], 2), torch.cat([delta, b.outlier_delta], 2)
     return PackedBlock(torch.cat([a.codes, b.codes], 2), torch.cat([a.scale, b.scale], 2),
-                       zero, a.bits, a.group_size, a.axis, a.offset)
+                       zero, a.bits, a.group_size, a.axis, a.offset, idx, delta)
 
 
 def slice_block(block: PackedBlock, start: int, stop: int) -> PackedBlock:
@@ -201,12 +218,14 @@ def slice_block(block: PackedBlock, start: int, stop: int) -> PackedBlock:
     off = 0
     if block.axis == "token":
         g, off = block.group_size, block.offset
-        check((off + start) % g == 0 and (off + stop) % g == 0,
+        check((start == 0 or (off + start) % g == 0) and (off + stop) % g == 0,
               f"key slice [{start}, {stop}) is not group aligned ({g}, offset {off})")
         s_lo, s_hi = (off + start) // g, (off + stop) // g
         off = off if start == 0 else 0
     else:
         s_lo, s_hi = start, stop
-    zero = None if block.zero is None else block.zero[:, :, s_lo:s_hi]
-    return PackedBlock(block.codes[:, :, start:stop], block.scale[:, :, s_lo:s_hi],
-                       zero, block.bits, block.group_size, block.axis, off)
+    def part(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[:, :, s_lo:s_hi]
+
+    return PackedBlock(block.codes[:, :, start:stop], part(block.scale), part(block.zero), block.bits,
+                       block.group_size, block.axis, off, part(block.outlier_idx), part(block.outlier_delta))
