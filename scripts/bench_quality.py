@@ -41,6 +41,7 @@ def kv_rows(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
     for name in KV_RECIPES:
         rows.append((f"{name}, no window", {"recipe": name, "window": 0}))
     rows.append(("kv-int2-sink without sinks, no window", {"recipe": "kv-int2-sink", "window": 0, "num_sinks": 0}))
+    rows.append(("kv-int2 + 4 fp16 sinks, no window", {"recipe": "kv-int2", "window": 0, "num_sinks": 4}))
     rows.append(("kv-int2-sink + calibrated content sinks, no window",
                  {"recipe": "kv-int2-sink", "window": 0, "content_sinks": True}))
     rows.append(("kv-int2-sink without key outliers, no window",
