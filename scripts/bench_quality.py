@@ -110,20 +110,22 @@ def reference_nll(model, ids: torch.Tensor, ctx: int) -> torch.Tensor:
 
 
 def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
-    ids = eval_tokens(tok, args.data, args.stream_tokens)
-    n, key = args.stream_window, f"stream/{args.stream_tokens}/{args.stream_cache}/reference"
+    start = args.stream_offset
+    ids = eval_tokens(tok, args.data, start + args.stream_tokens)[start:]
+    at = f"@{start}" if start else ""  # streams that do not start at token 0 are stored apart
+    n, key = args.stream_window, f"stream/{args.stream_tokens}{at}/{args.stream_cache}/reference"
     if key not in store or args.redo:
         first, last = reference_nll(model, ids[:n], args.stream_cache), reference_nll(model, ids[-n:], args.stream_cache)
         store[key] = {"name": f"control: unquantized, non-overlapping {args.stream_cache}-token windows",
                       "first_ppl": math.exp(first.mean().item()), "last_ppl": math.exp(last.mean().item()),
-                      "tokens": ids.numel(), "cache": args.stream_cache, "recipe": "none"}
+                      "tokens": ids.numel(), "cache": args.stream_cache, "recipe": "none", "offset": start}
         save(args, store)
     base = resolve_kv_config(args.stream_recipe)
     sinks = base.num_sinks or 4
     settings = (("sinks kept", dict(num_sinks=sinks)), ("sinks evicted", dict(num_sinks=0)),
                 ("control: sinks kept, 8-bit KV", dict(num_sinks=sinks, key_bits=8, value_bits=8)))
     for label, change in settings:
-        key = f"stream/{args.stream_tokens}/{args.stream_cache}/{label}"
+        key = f"stream/{args.stream_tokens}{at}/{args.stream_cache}/{label}"
         if (key in store and not args.redo) or not any(o in label for o in args.only):
             continue
         kv = dataclasses.replace(base, max_cache_tokens=args.stream_cache, **change)
@@ -132,7 +134,7 @@ def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
         n = args.stream_window
         store[key] = {"name": label, "first_ppl": math.exp(nll[:n].mean().item()),
                       "last_ppl": math.exp(nll[-n:].mean().item()), "tokens": ids.numel(),
-                      "cache": args.stream_cache, "recipe": args.stream_recipe,
+                      "cache": args.stream_cache, "recipe": args.stream_recipe, "offset": start,
                       "seconds": round(time.time() - t0, 1)}
         save(args, store)
         print(key, store[key], flush=True)
@@ -226,8 +228,9 @@ def render(store: dict) -> str:
     if streams:
         lines += ["## StreamingLLM", "", "| setting | recipe | cache | stream tokens | ppl first 4k | ppl last 4k | last/first |",
                   "|---|---|---|---|---|---|---|"]
-        for v in streams.values():
-            lines.append(f"| {v['name']} | {v['recipe']} | {v['cache']} | {v['tokens']} | {v['first_ppl']:.3f} "
+        for v in sorted(streams.values(), key=lambda v: v.get("offset", 0)):
+            span = f"{v.get('offset', 0)}–{v.get('offset', 0) + v['tokens']}"
+            lines.append(f"| {v['name']} | {v['recipe']} | {v['cache']} | {span} | {v['first_ppl']:.3f} "
                          f"| {v['last_ppl']:.3f} | {v['last_ppl'] / v['first_ppl']:.3f} |")
         lines.append("")
     gens = {k: v for k, v in store.items() if k.startswith("gen/")}
@@ -254,6 +257,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--stream-tokens", type=int, default=20000)
     p.add_argument("--stream-cache", type=int, default=1024)
+    p.add_argument("--stream-offset", type=int, default=0, help="first token of the stream in --data")
     p.add_argument("--stream-chunk", type=int, default=64)
     p.add_argument("--stream-window", type=int, default=4096)
     p.add_argument("--stream-recipe", default="kv-int4-sink")
