@@ -140,6 +140,41 @@ def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
         print(key, store[key], flush=True)
 
 
+@torch.no_grad()
+def stepwise_nll(model, window: torch.Tensor, cache) -> torch.Tensor:
+    """Next-token NLL of ``window`` fed one token at a time (what a decode loop sees)."""
+    nll = []
+    for t in range(window.numel() - 1):
+        logits = model(window[t:t + 1][None], past_key_values=cache, use_cache=True).logits[0, -1].float()
+        nll.append(-torch.log_softmax(logits, -1)[window[t + 1]])
+    return torch.stack(nll)
+
+
+def run_hf(args: argparse.Namespace, store: dict, model, tok) -> None:
+    """Hugging Face QuantizedCache (optimum-quanto) token by token on the first ``--hf-tokens``."""
+    from transformers.cache_utils import QuantizedCache
+
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+        print("optimum-quanto is not installed: pip install --no-deps optimum-quanto", flush=True)
+        return
+    ids = eval_tokens(tok, args.data, args.hf_tokens)
+    for bits in args.hf_bits:
+        name = f"HF QuantizedCache quanto int{bits} (per token, g64, 128 fp16 residual)"
+        key = f"kv/{args.hf_tokens}/{name}"
+        if (key in store and not args.redo) or not any(o in name for o in args.only):
+            continue
+        t0, nll = time.time(), []
+        for i in tqdm(range(ids.numel() // args.ctx), desc=f"quanto int{bits}", leave=False):
+            cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits, q_group_size=64,
+                                   residual_length=128)
+            nll.append(stepwise_nll(model, ids[i * args.ctx:(i + 1) * args.ctx], cache))
+        ppl = math.exp(torch.cat(nll).mean().item())
+        store[key] = {"name": name, "ppl": ppl, "tokens": len(nll) * args.ctx, "window": 128,
+                      "kv_avg_bits": float("nan"), "seconds": round(time.time() - t0, 1)}
+        save(args, store)
+        print(f"{name}: ppl {ppl:.3f} ({store[key]['seconds']} s)", flush=True)
+
+
 PROMPTS = (
     "The history of the Roman Empire",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -222,7 +257,9 @@ def render(store: dict) -> str:
                   "|---|---|---|---|"]
         for v in rows.values():
             delta = f"{100 * (v['ppl'] / fp - 1):+.2f}" if fp else "n/a"
-            lines.append(f"| {v['name']} | {v['ppl']:.3f} | {delta} | {v.get('kv_avg_bits', float('nan')):.3f} |")
+            bits = v.get("kv_avg_bits", float("nan"))
+            bits = "n/a" if math.isnan(bits) else f"{bits:.3f}"
+            lines.append(f"| {v['name']} | {v['ppl']:.3f} | {delta} | {bits} |")
         lines.append("")
     streams = {k: v for k, v in store.items() if k.startswith("stream/")}
     if streams:
@@ -250,7 +287,7 @@ def render(store: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--section", choices=("kv", "streaming", "generation", "weights", "all"), default="all")
+    p.add_argument("--section", choices=("kv", "streaming", "generation", "weights", "hf", "all"), default="all")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--ctx", type=int, default=2048)
@@ -261,6 +298,8 @@ def main() -> None:
     p.add_argument("--stream-chunk", type=int, default=64)
     p.add_argument("--stream-window", type=int, default=4096)
     p.add_argument("--stream-recipe", default="kv-int4-sink")
+    p.add_argument("--hf-tokens", type=int, default=8192, help="tokens for the HF QuantizedCache rows")
+    p.add_argument("--hf-bits", type=int, nargs="+", default=[4, 2])
     p.add_argument("--gen-recipe", default="kv-int4-sink")
     p.add_argument("--gen-context", type=int, default=256, help="passage tokens before each prompt")
     p.add_argument("--redo", action="store_true", help="re-measure rows already stored")
@@ -279,6 +318,8 @@ def main() -> None:
         run_streaming(args, store, model, tok)
     if args.section in ("generation", "all"):
         run_generation(args, store, model, tok)
+    if args.section in ("hf", "all"):
+        run_hf(args, store, model, tok)
     if args.section in ("weights", "all"):
         run_weights(args, store)
     save(args, store)
