@@ -99,6 +99,7 @@ def test_memory_8192_tokens(recipe: str, limit: float) -> None:
     ({"window": 16, "key_group_size": 32}, "window=16"),
     ({"num_sinks": 200, "window": 64, "max_cache_tokens": 128}, "max_cache_tokens=128"),
     ({"content_sinks": True, "content_sink_occurrences": 0}, "content_sink_occurrences"),
+    ({"key_outliers": 64, "key_group_size": 128}, "key_outliers=64"),
 ])
 def test_bad_config_one_line(kwargs: dict, needle: str) -> None:
     with pytest.raises(QuantsinkError) as err:
