@@ -3,8 +3,9 @@
 Flush schedule (the same for generation, chunked prefill and teacher-forced evaluation):
 after token ``t`` is appended, while the window holds at least ``window + G`` tokens its
 oldest ``G`` tokens are quantized into the body (``G`` = ``key_group_size``). The first group
-is shortened by the number of sinks held (``PackedBlock.offset``), so key groups end where
-the token count (sinks included) is a multiple of ``G``. So token
+is shortened by the number of leading sinks (``PackedBlock.offset``; see ``_first_offset``),
+so with sinks at the first positions key groups end where the token count (sinks included)
+is a multiple of ``G``. So token
 ``t`` already sees a group that its own arrival completed as quantized, and every token is
 quantized exactly once. StreamingLLM (``max_cache_tokens = M``): after the flush, while
 more than ``M`` tokens are held, the oldest body group is evicted (sinks never are).

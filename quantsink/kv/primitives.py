@@ -18,6 +18,7 @@ the scale is stored (int2 with groups of 64: 2.25 bits instead of 2.5).
   tokens, so token ``t`` of the block is in group ``(off + t) // G``. The cache uses it to
   let the fp16 sinks fill the first group's slots: groups then end on multiples of ``G``
   counted from position 0 and no unfinished key group is left in fp16 at such a length.
+  Keys may also carry ``k`` fp16 outliers per channel and group (:mod:`quantsink.kv.outliers`).
 - Values: per token, in groups of ``G`` channels: ``scale``/``zero`` are ``[B, H, T, D // G]``.
 """
 from __future__ import annotations
