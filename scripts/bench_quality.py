@@ -67,8 +67,7 @@ def run_kv(args: argparse.Namespace, store: dict, model, tok) -> None:
         res = perplexity(model, ids, args.ctx, desc=name[:30], kv=kv, sink_map=sink_map)
         res.update(name=name, window=kv.window if kv else 0, seconds=round(time.time() - t0, 1),
                    config=dataclasses.asdict(kv) if kv else None)
-        store[key] = res
-        save(args, store)
+        record(args, store, key, res)
         print(f"{name}: ppl {res['ppl']:.3f} bits {res['kv_avg_bits']:.3f} ({res['seconds']} s)", flush=True)
 
 
@@ -116,10 +115,10 @@ def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
     n, key = args.stream_window, f"stream/{args.stream_tokens}{at}/{args.stream_cache}/reference"
     if key not in store or args.redo:
         first, last = reference_nll(model, ids[:n], args.stream_cache), reference_nll(model, ids[-n:], args.stream_cache)
-        store[key] = {"name": f"control: unquantized, non-overlapping {args.stream_cache}-token windows",
-                      "first_ppl": math.exp(first.mean().item()), "last_ppl": math.exp(last.mean().item()),
-                      "tokens": ids.numel(), "cache": args.stream_cache, "recipe": "none", "offset": start}
-        save(args, store)
+        record(args, store, key, {
+            "name": f"control: unquantized, non-overlapping {args.stream_cache}-token windows",
+            "first_ppl": math.exp(first.mean().item()), "last_ppl": math.exp(last.mean().item()),
+            "tokens": ids.numel(), "cache": args.stream_cache, "recipe": "none", "offset": start})
     base = resolve_kv_config(args.stream_recipe)
     sinks = base.num_sinks or 4
     settings = (("sinks kept", dict(num_sinks=sinks)), ("sinks evicted", dict(num_sinks=0)),
@@ -132,11 +131,10 @@ def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
         t0 = time.time()
         nll = stream_nll(model, ids, kv, args.stream_chunk)
         n = args.stream_window
-        store[key] = {"name": label, "first_ppl": math.exp(nll[:n].mean().item()),
-                      "last_ppl": math.exp(nll[-n:].mean().item()), "tokens": ids.numel(),
-                      "cache": args.stream_cache, "recipe": args.stream_recipe, "offset": start,
-                      "seconds": round(time.time() - t0, 1)}
-        save(args, store)
+        record(args, store, key, {"name": label, "first_ppl": math.exp(nll[:n].mean().item()),
+                                  "last_ppl": math.exp(nll[-n:].mean().item()), "tokens": ids.numel(),
+                                  "cache": args.stream_cache, "recipe": args.stream_recipe, "offset": start,
+                                  "seconds": round(time.time() - t0, 1)})
         print(key, store[key], flush=True)
 
 
@@ -169,9 +167,8 @@ def run_hf(args: argparse.Namespace, store: dict, model, tok) -> None:
                                    residual_length=128)
             nll.append(stepwise_nll(model, ids[i * args.ctx:(i + 1) * args.ctx], cache))
         ppl = math.exp(torch.cat(nll).mean().item())
-        store[key] = {"name": name, "ppl": ppl, "tokens": len(nll) * args.ctx, "window": 128,
-                      "kv_avg_bits": float("nan"), "seconds": round(time.time() - t0, 1)}
-        save(args, store)
+        record(args, store, key, {"name": name, "ppl": ppl, "tokens": len(nll) * args.ctx, "window": 128,
+                                  "kv_avg_bits": float("nan"), "seconds": round(time.time() - t0, 1)})
         print(f"{name}: ppl {ppl:.3f} ({store[key]['seconds']} s)", flush=True)
 
 
@@ -217,9 +214,8 @@ def run_generation(args: argparse.Namespace, store: dict, model, tok) -> None:
     for label, kv, n in ((f"{name}, no window", kv4, 32), (f"{name} bits=8, no window", kv8, 64)):
         got = greedy(SinkQuantCache.from_recipe(model, kv, backend="torch"))
         same = [bool(torch.equal(got[i, :n], ref[i, :n])) for i in range(len(PROMPTS))]
-        store[f"gen/{label}"] = {"name": label, "tokens": n, "matches": sum(same), "prompts": len(PROMPTS),
-                                 "per_prompt": same}
-        save(args, store)
+        record(args, store, f"gen/{label}", {"name": label, "tokens": n, "matches": sum(same),
+                                             "prompts": len(PROMPTS), "per_prompt": same})
         print(label, store[f"gen/{label}"], flush=True)
 
 
@@ -233,11 +229,20 @@ def run_weights(args: argparse.Namespace, store: dict) -> None:
     save(args, store)
 
 
+def record(args: argparse.Namespace, store: dict, key: str, row: dict) -> None:
+    """Store one measured row and save it."""
+    store[key] = row
+    args.measured.add(key)
+    save(args, store)
+
+
 def save(args: argparse.Namespace, store: dict) -> None:
-    """Merge ``store`` into the file (another run may have added rows meanwhile) and re-render."""
+    """Write the rows this run measured into the file (other runs may have added or re-measured
+    rows meanwhile, so everything else is taken from the file) and re-render."""
     args.store.parent.mkdir(parents=True, exist_ok=True)
     on_disk = json.loads(args.store.read_text()) if args.store.exists() else {}
-    on_disk.update(store)
+    on_disk.update({k: store[k] for k in args.measured})
+    store.clear()
     store.update(on_disk)
     args.store.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
     args.out.write_text(render(store))
@@ -311,6 +316,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = p.parse_args()
     store = json.loads(args.store.read_text()) if args.store.exists() else {}
+    args.measured = set()
     model, tok = load_model(args.model)
     if args.section in ("kv", "all"):
         run_kv(args, store, model, tok)
