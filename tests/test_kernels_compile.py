@@ -12,13 +12,15 @@ import sys
 
 import pytest
 
-CONFIGS = [  # (head_dim, key bits, value bits, value groups, block_m, dtype, causal, single split)
-    (128, 4, 4, 2, 8, "fp16", False, False),
-    (64, 2, 8, 1, 16, "bf16", True, True),
+CONFIGS = [  # (head_dim, key bits, value bits, value groups, block_m, dtype, causal, single split,
+    #          symmetric values, key outliers)
+    (128, 4, 4, 2, 8, "fp16", False, False, False, 0),
+    (64, 2, 8, 1, 16, "bf16", True, True, False, 0),
+    (64, 2, 2, 1, 16, "fp16", False, False, True, 2),  # the kv-int2-sink layout
 ]
 
 
-def compile_for_sm90(D, kbits, vbits, ng, block_m, dt, causal, single) -> int:
+def compile_for_sm90(D, kbits, vbits, ng, block_m, dt, causal, single, vsym, nout) -> int:
     """Compile the main kernel (and the reduce) for sm_90; return the shared memory used."""
     import triton
     import triton.language as tl
@@ -30,10 +32,11 @@ def compile_for_sm90(D, kbits, vbits, ng, block_m, dt, causal, single) -> int:
     cdt = {"fp16": tl.float16, "bf16": tl.bfloat16}[dt]
     consts = dict(D=D, BLOCK_M=block_m, NG=ng, GV=D // ng, BLOCK_N=64, DENSE_N=16, KBITS=kbits, VBITS=vbits,
                   HAS_BODY=True, HAS_MASK=True, IS_CAUSAL=causal, SINGLE_SPLIT=single, CDT=cdt,
-                  EXP_TRICK=dt == "fp16", PREC="tf32", HILO=True)
+                  EXP_TRICK=dt == "fp16", PREC="tf32", HILO=True, VSYM=vsym, NOUT=nout)
     fn = mod._sink_decode_attention_kernel
     ptrs = {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "mask_ptr": "*u8", "kc_ptr": "*u8",
-            "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vs_ptr": "*fp16", "vz_ptr": "*fp16"}
+            "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vs_ptr": "*fp16", "vz_ptr": "*fp16",
+            "oi_ptr": "*u8", "od_ptr": "*fp16"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, f"*{dt}") if n.endswith("_ptr")
            else "fp32" if n == "qk_scale" else "i32" for n in fn.arg_names}
     target = GPUTarget("cuda", 90, 32)
