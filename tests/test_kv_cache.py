@@ -34,6 +34,8 @@ def logits_by_steps(model, ids: torch.Tensor, cfg: KVConfig, chunk: int) -> torc
     KVConfig(key_bits=4, value_bits=4, key_group_size=16, value_group_size=16, window=32),
     KVConfig(key_bits=2, value_bits=2, key_group_size=16, value_group_size=8, window=0, rotate=True,
              value_symmetric=True),  # 4 sinks shorten the first key group (offset 4)
+    KVConfig(key_bits=2, value_bits=2, key_group_size=16, value_group_size=16, window=16, key_outliers=2,
+             value_symmetric=True, rotate=True),  # the kv-int2-sink layout, small groups
 ])
 def test_teacher_forced_equals_token_by_token(cfg: KVConfig) -> None:
     model = tiny_llama()
