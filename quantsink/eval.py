@@ -61,6 +61,5 @@ def _cache_factory(model: Any, kv: Any, sink_map: Any):
     from quantsink.kv.cache import SinkQuantCache, resolve_kv_config
 
     config = resolve_kv_config(kv)
-    SinkQuantCache.from_recipe(model, config, sink_map=sink_map)  # attaches the model once
     layers = model.config.get_text_config().num_hidden_layers
-    return lambda: SinkQuantCache(config, layers, sink_map=sink_map, backend="torch")
+    return lambda: SinkQuantCache(config, layers, sink_map=sink_map, backend="torch").attach(model)

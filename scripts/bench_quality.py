@@ -82,9 +82,8 @@ def content_sink_map(args: argparse.Namespace, model, tok, kv):
 
 
 @torch.no_grad()
-def stream_nll(model, ids: torch.Tensor, kv, chunk: int) -> torch.Tensor:
-    """Per-token NLL of one long stream fed ``chunk`` tokens at a time through one cache."""
-    cache = SinkQuantCache.from_recipe(model, kv, backend="torch")
+def stream_nll(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Per-token NLL of ``ids`` fed ``chunk`` tokens at a time through ``cache`` (1: decode steps)."""
     nll, prev = [], None
     for a in tqdm(range(0, ids.numel(), chunk), desc="stream", leave=False):
         x = ids[a:a + chunk][None]
@@ -129,23 +128,14 @@ def run_streaming(args: argparse.Namespace, store: dict, model, tok) -> None:
             continue
         kv = dataclasses.replace(base, max_cache_tokens=args.stream_cache, **change)
         t0 = time.time()
-        nll = stream_nll(model, ids, kv, args.stream_chunk)
+        cache = SinkQuantCache.from_recipe(model, kv, backend="torch")
+        nll = stream_nll(model, ids, cache, args.stream_chunk)
         n = args.stream_window
         record(args, store, key, {"name": label, "first_ppl": math.exp(nll[:n].mean().item()),
                                   "last_ppl": math.exp(nll[-n:].mean().item()), "tokens": ids.numel(),
                                   "cache": args.stream_cache, "recipe": args.stream_recipe, "offset": start,
                                   "seconds": round(time.time() - t0, 1)})
         print(key, store[key], flush=True)
-
-
-@torch.no_grad()
-def stepwise_nll(model, window: torch.Tensor, cache) -> torch.Tensor:
-    """Next-token NLL of ``window`` fed one token at a time (what a decode loop sees)."""
-    nll = []
-    for t in range(window.numel() - 1):
-        logits = model(window[t:t + 1][None], past_key_values=cache, use_cache=True).logits[0, -1].float()
-        nll.append(-torch.log_softmax(logits, -1)[window[t + 1]])
-    return torch.stack(nll)
 
 
 def run_hf(args: argparse.Namespace, store: dict, model, tok) -> None:
@@ -165,7 +155,7 @@ def run_hf(args: argparse.Namespace, store: dict, model, tok) -> None:
         for i in tqdm(range(ids.numel() // args.ctx), desc=f"quanto int{bits}", leave=False):
             cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits, q_group_size=64,
                                    residual_length=128)
-            nll.append(stepwise_nll(model, ids[i * args.ctx:(i + 1) * args.ctx], cache))
+            nll.append(stream_nll(model, ids[i * args.ctx:(i + 1) * args.ctx], cache, chunk=1))
         ppl = math.exp(torch.cat(nll).mean().item())
         record(args, store, key, {"name": name, "ppl": ppl, "tokens": len(nll) * args.ctx, "window": 128,
                                   "kv_avg_bits": float("nan"), "seconds": round(time.time() - t0, 1)})

@@ -9,7 +9,6 @@ records everything in ``model.config.quantization_config``.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +48,11 @@ def _windows(calib: Any, tokenizer: Any, recipe: Recipe, samples: int | None,
 
 def _calibration(model: Any, tokenizer: Any, windows: torch.Tensor | None, calibration: Any,
                  progress: bool) -> Any:
-    """A ``CalibrationResult`` from an object, an artifact dir, or a fresh run (None if unavailable)."""
+    """A ``CalibrationResult`` from an object, an artifact dir, or a fresh run (None without windows)."""
     if calibration is not None and not isinstance(calibration, (str, Path)):
         return calibration
-    if importlib.util.find_spec("quantsink.calibration") is None:
-        return None
-    try:
-        from quantsink.calibration import CalibrationResult, calibrate
-    except ImportError:  # the calibration package is not written yet
-        check(calibration is None, "--calibration needs quantsink.calibration, which is not available")
-        return None
+    from quantsink.calibration import CalibrationResult, calibrate
+
     if calibration is not None:
         path = Path(calibration)
         check(path.is_dir(), f"calibration artifact {str(path)!r} is not a directory; allowed: a "

@@ -20,7 +20,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from quantsink.errors import QuantsinkError, check
+from quantsink.errors import check
 
 METHOD = "quantsink"
 
@@ -83,15 +83,10 @@ def _get(qc: Any, key: str) -> Any:
 def build_sink_cache(model: nn.Module) -> Any:
     """The ``SinkQuantCache`` described by ``model.config.quantization_config``."""
     from quantsink.config import from_dict
+    from quantsink.kv.cache import SinkQuantCache
     from quantsink.kv.config import KVConfig
 
     qc = model.config.quantization_config
-    try:
-        from quantsink.kv.cache import SinkQuantCache
-    except ImportError:
-        raise QuantsinkError("this checkpoint's KV cache needs quantsink.kv.cache.SinkQuantCache, "
-                             "which is not available; allowed: pass past_key_values=... or "
-                             "use_cache=False") from None
     kv = from_dict(KVConfig, _get(qc, "kv_cache"), "quantization_config.kv_cache")
     sink_map = None
     if _get(qc, "sink_map"):
