@@ -69,3 +69,11 @@ def test_content_sinks_on_the_real_model(smollm, test_path) -> None:
     assert cache.layers[5].sink_pos == [0, 1, 2, 3, first]
     plain = perplexity(model, ids, 256, progress=False, kv=dataclasses.replace(cfg, content_sinks=False))
     assert cache.avg_bits() > plain["kv_avg_bits"]  # the extra fp16 token is counted
+
+
+def test_eval_cli_json_in_missing_directory(test_path, tmp_path, capsys) -> None:
+    """Checked before the model loads: one line, exit 2, nothing written."""
+    target = tmp_path / "missing" / "r.json"
+    rc = main(["eval", "--data", str(test_path), "--json", str(target)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--json" in err and err.count("\n") == 1 and not target.parent.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from quantsink.cli.common import add_model_arg
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     check(args.ctx >= 2, f"--ctx must be >= 2, got {args.ctx}")
     check(args.max_tokens >= args.ctx, f"--max-tokens {args.max_tokens} is shorter than one window "
                                        f"(--ctx {args.ctx}); allowed: >= --ctx")
+    json_out = Path(args.json) if args.json else None
+    check(json_out is None or (json_out.parent.is_dir() and not json_out.is_dir()),
+          f"--json {args.json!r}: the file's directory must exist and the path must not be a directory")
     kv = _kv_config(args.recipe, args.window)
     check(args.calibration is None or kv is not None, "--calibration needs --recipe (it sets the KV sinks)")
     sink_map = None
@@ -53,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
                   ctx=args.ctx)
     print(f"ppl {result['ppl']:.4f}  tokens {result['tokens']}  kv_avg_bits {result['kv_avg_bits']:.3f}"
           f"  window {result['window']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if json_out is not None:  # written beside the target, then renamed: never half-written
+        tmp = json_out.with_name(f".{json_out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, json_out)
     return 0
 
 
