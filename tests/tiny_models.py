@@ -1,0 +1,72 @@
+"""Tiny random-init decoders of every supported family (no downloads), for the matrix tests.
+
+``build(name)`` returns an fp32 model in eval mode; ``ARCHS`` lists the supported families,
+``UNSUPPORTED`` the ones quantsink refuses with one line. Every model has hidden 64, 4 query
+and 2 KV heads, ``initializer_range=0.1`` (so attention is far from uniform) and a sliding
+window of 16 tokens where the family has one (shorter than the 96-token test sequences).
+"""
+from __future__ import annotations
+
+import torch
+
+VOCAB = 128
+WINDOW = 16
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _configs() -> dict:
+    import transformers as T
+
+    return {
+        "llama": lambda: T.LlamaConfig(num_hidden_layers=2, **COMMON),
+        "qwen2": lambda: T.Qwen2Config(num_hidden_layers=2, **COMMON),
+        "qwen3": lambda: T.Qwen3Config(num_hidden_layers=2, head_dim=16, **COMMON),
+        "mistral": lambda: T.MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, **COMMON),
+        "gemma2": lambda: T.Gemma2Config(num_hidden_layers=2, head_dim=16, sliding_window=WINDOW,
+                                         attn_logit_softcapping=2.0, final_logit_softcapping=30.0,
+                                         **COMMON),
+        "gemma3": lambda: T.Gemma3TextConfig(num_hidden_layers=6, head_dim=16, sliding_window=WINDOW,
+                                             **COMMON),
+        "phi3": lambda: T.Phi3Config(num_hidden_layers=2, **COMMON),
+        "olmo2": lambda: T.Olmo2Config(num_hidden_layers=2, **COMMON),
+        "gpt_oss": lambda: T.GptOssConfig(num_hidden_layers=2, head_dim=16, sliding_window=WINDOW,
+                                          num_local_experts=4, num_experts_per_tok=2,
+                                          **{**COMMON, "max_position_embeddings": 131072}),
+        "cohere": lambda: T.CohereConfig(num_hidden_layers=2, logit_scale=1.0, **COMMON),
+        "granite": lambda: T.GraniteConfig(num_hidden_layers=2, **COMMON),
+        "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                     initializer_range=0.1, bos_token_id=1, eos_token_id=2),
+        "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, initializer_range=0.1,
+                                         bos_token_id=1, eos_token_id=2),
+    }
+
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt_oss",
+         "cohere", "granite")
+UNSUPPORTED = ("gpt2", "falcon")
+
+
+def build(name: str, seed: int = 0, sink_logits: float = 1.5) -> torch.nn.Module:
+    """A tiny random-init ``*ForCausalLM`` of family ``name`` (fp32, eval).
+
+    GPT-OSS's learned sink logits are drawn with standard deviation ``sink_logits`` (they
+    start at zero), so that they change the softmax.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_configs()[name]()).eval()
+    for module in model.modules():
+        sinks = getattr(module, "sinks", None)
+        if isinstance(sinks, torch.nn.Parameter):
+            with torch.no_grad():
+                sinks.copy_(torch.randn_like(sinks) * sink_logits)
+    return model
+
+
+def token_ids(length: int = 96, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    """Random token ids ``[batch, length]`` that avoid the special ids 0-2."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
