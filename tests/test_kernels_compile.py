@@ -1,4 +1,4 @@
-"""The decode-attention kernels compile for an H100 (sm_90) without a GPU.
+"""The decode-attention and W4A16 kernels compile for an H100 (sm_90) without a GPU.
 
 The interpreter does not check what only the GPU compiler sees (dot operand types, layouts,
 register spills), so a subprocess without ``TRITON_INTERPRET`` compiles the kernels for sm_90.
@@ -49,6 +49,36 @@ def compile_for_sm90(D, kbits, vbits, ng, block_m, dt, causal, single, vsym, nou
     return kernel.metadata.shared
 
 
+W4A16_CONFIGS = [  # (activation dtype, group size, block_m, has bias)
+    ("fp16", 64, 16, False),
+    ("bf16", 128, 64, True),
+    ("fp32", 32, 32, False),
+]
+
+
+def compile_w4a16_for_sm90(dt, group, block_m, has_bias) -> int:
+    """Compile the W4A16 kernel for sm_90 (PTX and cubin); return the shared memory used."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from quantsink.kernels import w4a16 as mod
+
+    cdt = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dt]
+    consts = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=mod.BLOCK_N, HAS_BIAS=has_bias, CDT=cdt,
+                  PREC="ieee" if dt == "fp32" else "tf32")
+    ptrs = {"keep_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "oi_ptr": "*i64",
+            "ow_ptr": "*fp16", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "x_ptr": f"*{dt}"}
+    fn = mod._w4a16_kernel
+    sig = {n: "constexpr" if n in consts else ptrs[n] if n.endswith("_ptr") else "i32"
+           for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=mod.NUM_WARPS, num_stages=mod.NUM_STAGES))
+    assert "cubin" in kernel.asm
+    return kernel.metadata.shared
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -58,7 +88,7 @@ def test_compiles_for_sm90():
     if "OTHER_TRITON_API" in res.stdout:
         pytest.skip("this triton's ASTSource differs from the one written for (triton 3.9)")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled") == len(CONFIGS), res.stdout
+    assert res.stdout.count("compiled") == len(CONFIGS) + len(W4A16_CONFIGS), res.stdout
 
 
 if __name__ == "__main__":
@@ -75,3 +105,5 @@ if __name__ == "__main__":
         sys.exit(0)
     for cfg in CONFIGS:
         print("compiled", cfg, "shared bytes", compile_for_sm90(*cfg))
+    for cfg in W4A16_CONFIGS:
+        print("compiled w4a16", cfg, "shared bytes", compile_w4a16_for_sm90(*cfg))

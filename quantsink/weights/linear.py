@@ -13,14 +13,17 @@ Buffers (all saved in the checkpoint under these names):
 - ``outlier_idx`` int64 ``[k]`` (ascending) and ``outlier_weight`` fp16 ``[out, k]``: the input
   channels kept in floating point and their weight columns.
 
-The forward is a pure torch reference: dequantize to ``[out, in]``, then one matmul.
+The forward never holds a dense weight: the kernel is chosen once per device
+(:mod:`quantsink.weights.backend`: torch's int4pack kernel in bf16 on the CPU, a Triton W4A16
+kernel on CUDA, else the torch reference of :mod:`quantsink.weights.qmatmul`, which
+dequantizes tile by tile on every call).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from quantsink.weights.backend import Plan, build_plan
 from quantsink.weights.outliers import split_columns
 from quantsink.weights.pack import pack_codes, packed_width, unpack_codes
 from quantsink.weights.rtn import dequantize_codes, n_groups
@@ -29,12 +32,9 @@ from quantsink.weights.rtn import dequantize_codes, n_groups
 class QuantLinear(nn.Module):
     """Packed ``bits``-bit group-quantized Linear with ``n_outliers`` fp16 input channels.
 
-    ``cache_dequantized`` (class-wide, default True): the CPU reference keeps the dequantized
-    weight after the first forward (rebuilt whenever a buffer changes), trading memory for
-    decode speed; set it to False to dequantize on every call.
+    The first forward on a device (or :meth:`prepare`) picks the kernel and derives what it
+    needs from the buffers; :attr:`kernel` names it.
     """
-
-    cache_dequantized: bool = True
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  n_outliers: int = 0, bias: bool = False, device: torch.device | str | None = None
@@ -55,7 +55,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("outlier_weight", torch.zeros(out_features, n_outliers,
                                                            dtype=torch.float16, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._plan: Plan | None = None
 
     @classmethod
     def from_quantized(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -85,18 +85,30 @@ class QuantLinear(nn.Module):
         w[:, self.outlier_idx] = self.outlier_weight.float()
         return w
 
-    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if not self.cache_dequantized:
-            return self.dequantize().to(dtype)
-        key = tuple((b.data_ptr(), b._version) for b in self.buffers()) + (dtype,)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.dequantize().to(dtype))
-        return self._cache[1]
+    def prepare(self, device: torch.device | str | None = None) -> str:
+        """Choose and set up the kernel for ``device`` (default: the buffers'); returns its name."""
+        device = torch.device(device) if device is not None else self.weight_packed.device
+        if self._plan is None or not self._plan.valid(self, device):
+            self._plan = None  # drop the old plan's tensors before building the new ones
+            self._plan = build_plan(self, device)
+        return self._plan.kind
+
+    @property
+    def kernel(self) -> str | None:
+        """The backend of the current plan (None before the first forward / :meth:`prepare`)."""
+        return None if self._plan is None else self._plan.kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self._weight(x.dtype), bias)
+        plan = self._plan
+        if torch.compiler.is_compiling():  # no validity checks inside a graph
+            if plan is None:
+                plan = _prepare_outside_graph(self, x.device)
+            return plan.traced(x)
+        if plan is None or not plan.valid(self, x.device):
+            self.prepare(x.device)
+            plan = self._plan
+        return plan.eager(x)
 
     def packed_nbytes(self) -> int:
         """Bytes of everything this layer stores (codes, grids, outliers, shape)."""
@@ -105,3 +117,10 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, n_outliers={self.n_outliers}")
+
+
+@torch.compiler.disable
+def _prepare_outside_graph(layer: QuantLinear, device: torch.device) -> Plan:
+    """:meth:`QuantLinear.prepare` run eagerly when ``torch.compile`` meets an unprepared layer."""
+    layer.prepare(device)
+    return layer._plan

@@ -1,0 +1,174 @@
+"""Which kernel a :class:`~quantsink.weights.linear.QuantLinear` runs, chosen once per device.
+
+Backends (``QUANTSINK_WEIGHT_BACKEND`` or :func:`use_backend` force one; default ``auto``):
+
+- ``int4pack`` (CPU, 4-bit, groups of 32..256, a host with fast bf16): up to
+  :data:`INT4PACK_MAX_ROWS` rows per call through torch's int4pack kernel
+  (:mod:`quantsink.weights.cpu_int4`, bf16 activations); more rows (prefill) dequantize tile
+  by tile to bf16 and use a bf16 GEMM, where the kernel's per-row cost would dominate;
+- ``triton`` (CUDA, 4-bit): the fused W4A16 kernel through ``quantsink::quant_linear``;
+- ``reference`` (everything else: 8-bit weights, other devices and group sizes): the torch
+  reference, dequantizing tile by tile in float32 on every call.
+
+``auto`` takes the first that applies, else ``reference``; forcing a backend that cannot run
+raises. A plan holds what the backend derived from the buffers (the converted int4pack
+tensors, the kept-channel index on the device); it is rebuilt when the device, the buffers
+(storage or in-place version) or the requested backend change, and never holds a dense weight.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from quantsink.errors import check
+from quantsink.weights.cpu_int4 import Int4Pack, convert, layer_problem
+
+BACKENDS = ("auto", "reference", "int4pack", "triton")
+ENV = "QUANTSINK_WEIGHT_BACKEND"
+INT4PACK_MAX_ROWS = 64  # above: tile dequant + bf16 GEMM is faster (measured on SmolLM2 shapes)
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("quantsink_weight_backend", default=None)
+_KEYED = ("weight_packed", "weight_scale", "weight_zero_point", "outlier_idx", "outlier_weight")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed forwards with backend ``name`` (see the module docstring)."""
+    check(name in BACKENDS, f"weight backend {name!r} is not supported; allowed: {list(BACKENDS)}")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def requested_backend() -> str:
+    """The backend asked for by :func:`use_backend`, else ``$QUANTSINK_WEIGHT_BACKEND``, else auto.
+
+    The environment is read when a plan is built; :func:`use_backend` is seen on every call.
+    """
+    name = _FORCED.get() or os.environ.get(ENV) or "auto"
+    check(name in BACKENDS, f"{ENV}={name!r} is not supported; allowed: {list(BACKENDS)}")
+    return name
+
+
+@dataclass
+class Plan:
+    """A backend bound to one layer's buffers on one device.
+
+    ``eager(x)`` calls the implementation directly (no dispatcher round trip on the decode
+    path); ``traced(x)`` goes through the ``torch.ops.quantsink`` op (for ``torch.compile``).
+    Both compute the same function.
+    """
+
+    kind: str
+    device: torch.device
+    forced: str | None  # use_backend() at build time
+    tensors: tuple  # the buffers it was built from, their versions, and the bias:
+    versions: tuple
+    bias: torch.Tensor | None
+    eager: Callable[[torch.Tensor], torch.Tensor]
+    traced: Callable[[torch.Tensor], torch.Tensor]
+    int4: Int4Pack | None = None
+
+    def valid(self, layer: Any, device: torch.device) -> bool:
+        """Same device, same requested backend, same buffer objects at the same versions."""
+        b = layer._buffers
+        return device == self.device and _FORCED.get() == self.forced \
+            and layer._parameters.get("bias") is self.bias and all(
+                b[n] is t and t._version == v for n, t, v in zip(_KEYED, self.tensors, self.versions))
+
+
+def _problem(kind: str, layer: Any, device: torch.device) -> str | None:
+    """Why ``kind`` cannot run ``layer`` on ``device``, or None."""
+    if kind == "reference":
+        return None
+    if kind == "int4pack":
+        if device.type != "cpu":
+            return f"the int4pack kernel runs on the CPU, not {device.type}"
+        return layer_problem(layer.bits, layer.group_size)
+    if device.type != "cuda":
+        return f"the triton kernel runs on CUDA, not {device.type}"
+    if layer.bits != 4:
+        return f"{layer.bits}-bit weights (the triton kernel takes 4)"
+    from importlib.util import find_spec
+
+    return None if find_spec("triton") is not None else "triton is not installed"
+
+
+def choose(layer: Any, device: torch.device) -> str:
+    """The backend that runs ``layer`` on ``device`` (raises if a forced one cannot)."""
+    name = requested_backend()
+    if name != "auto":
+        why = _problem(name, layer, device)
+        check(why is None, f"weight backend {name!r} cannot run {layer.extra_repr()}: {why}; "
+                           f"allowed: {ENV}=auto or reference")
+        return name
+    for kind in ("int4pack", "triton"):
+        if _problem(kind, layer, device) is None:
+            return kind
+    return "reference"
+
+
+def build_plan(layer: Any, device: torch.device, kind: str | None = None) -> Plan:
+    """The plan of ``layer`` on ``device`` (backend ``kind``, default: :func:`choose`)."""
+    from quantsink.weights.outliers import split_columns
+
+    from quantsink.weights.ops import ops
+
+    ops()  # define the torch.ops.quantsink ops (once per process)
+    kind = kind or choose(layer, device)
+    keep = split_columns(layer.in_features, layer.outlier_idx.cpu()).to(device)
+    tensors = tuple(layer._buffers[n] for n in _KEYED)
+    args = (layer.weight_packed, layer.weight_scale, layer.weight_zero_point, keep,
+            layer.outlier_idx, layer.outlier_weight, layer.bias, layer.bits, layer.group_size)
+    int4 = None
+    if kind == "int4pack":
+        int4 = convert(*args[:6], layer.group_size, layer.in_features)
+        eager, traced = _int4_calls(int4, args, layer.out_features)
+    elif kind == "reference" or device.type != "cuda":
+        eager = functools.partial(_reference, *args)
+        traced = eager if device.type == "cuda" else functools.partial(_op_reference, *args)
+    else:
+        eager = traced = functools.partial(_op_reference, *args)  # CUDA: the triton kernel
+    return Plan(kind, device, _FORCED.get(), tensors, tuple(t._version for t in tensors),
+                layer._parameters.get("bias"), eager, traced, int4)
+
+
+def _reference(*args: Any) -> torch.Tensor:
+    from quantsink.weights.qmatmul import quant_linear_ref
+
+    *params, x = args
+    return quant_linear_ref(x, *params)
+
+
+def _op_reference(*args: Any) -> torch.Tensor:
+    *params, x = args
+    return torch.ops.quantsink.quant_linear(x, *params)  # defined by build_plan
+
+
+def _int4_calls(p: Int4Pack, args: tuple, out_features: int) -> tuple[Callable, Callable]:
+    """(eager, traced) callables of an int4pack plan; many rows take the bf16 tiled path."""
+    from quantsink.weights.cpu_int4 import int4pack_linear_cpu
+    from quantsink.weights.qmatmul import quant_linear_ref
+
+    int4_op, ref_op = torch.ops.quantsink.int4pack_linear, torch.ops.quantsink.quant_linear
+    kargs = (p.packed, p.scales_zeros, p.gather_idx, p.outlier_idx, p.outlier_weight_t,
+             args[6], args[8], out_features, p.pad_column)
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= INT4PACK_MAX_ROWS * x.shape[-1]:
+            return int4pack_linear_cpu(x, *kargs)
+        return quant_linear_ref(x, *args, torch.bfloat16)
+
+    def traced(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= INT4PACK_MAX_ROWS * x.shape[-1]:
+            return int4_op(x, *kargs)
+        return ref_op(x, *args, torch.bfloat16)
+
+    return eager, traced
