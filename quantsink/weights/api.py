@@ -2,8 +2,9 @@
 
 ``quantize`` draws calibration windows, runs the calibration of
 :mod:`quantsink.calibration` (sink map, massive activations) when it is available,
-replaces every decoder Linear by a :class:`~quantsink.weights.linear.QuantLinear` layer by
-layer, rounds the remaining floating-point tensors to fp16 (the precision they are
+swaps the embedding / lm_head for int8 rows when the recipe asks for it, replaces every
+decoder Linear by a :class:`~quantsink.weights.linear.QuantLinear` layer by layer (their
+forwards run the exact float32 reference meanwhile), rounds the remaining floating-point tensors to fp16 (the precision they are
 exported in, so the exported checkpoint reproduces the in-memory model exactly), and
 records everything in ``model.config.quantization_config``.
 """
@@ -17,7 +18,9 @@ from torch import nn
 
 from quantsink.config import Recipe, load_recipe, to_dict
 from quantsink.errors import QuantsinkError, check
+from quantsink.weights.backend import use_backend
 from quantsink.weights.layer import make_group_quantizer, static_groups
+from quantsink.weights.runtime import quantize_embeddings
 from quantsink.weights.sequential import quantize_layers
 
 QUANT_VERSION = 1
@@ -122,15 +125,19 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
               f"{wcfg.outlier_channels}) needs calibration data; allowed: --calib PATH (or calib=...), "
               "or --calibration ARTIFACT for rtn recipes")
     reports: list[dict] = []
+    embeddings: list[dict] = []
     if wcfg is not None:
+        embeddings = quantize_embeddings(model, wcfg.embedding_bits, wcfg.lm_head_bits)
         forced = massive_channels(cal, limit=wcfg.outlier_channels // 4)
         group_q = make_group_quantizer(wcfg, forced, _hidden_size(model))
         static = static_groups(cal) if windows is None else None
-        reports = quantize_layers(model, windows, group_q, static_stats=static,
-                                  hessian=wcfg.algorithm == "gptq", progress=progress)
+        with use_backend("reference"):
+            reports = quantize_layers(model, windows, group_q, static_stats=static,
+                                      hessian=wcfg.algorithm == "gptq", progress=progress)
     round_float_tensors_to_fp16(model)
     model.config.quantization_config = _quant_config(recipe, cal, [r["name"] for r in reports])
-    model.quantsink_report = {"modules": reports, "massive_channels": massive_channels(cal, 8),
+    model.quantsink_report = {"modules": reports, "embeddings": embeddings,
+                              "massive_channels": massive_channels(cal, 8),
                               "calibration_windows": None if windows is None else list(windows.shape)}
     model.quantsink_calibration = cal
     from quantsink.weights.hf_quantizer import attach_kv_generate

@@ -9,6 +9,7 @@ SUPPORTED_WEIGHT_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_ALGORITHMS = ("rtn", "gptq")
 SUPPORTED_OUTLIER_SCORES = ("absmax_x_norm", "absmax")
+SUPPORTED_EMBEDDING_BITS = (None, 8)
 
 
 @dataclass
@@ -24,6 +25,9 @@ class WeightConfig:
     ``diag(H)`` (GPTQ) or ``act_absmax**2`` (RTN); an unweighted search raised SmolLM2's
     RTN g128 perplexity (26.3 -> 29.2), a weighted one lowered GPTQ's (22.2 -> 21.3).
     GPTQ uses ``damp`` × mean(diag H) as Tikhonov damping and ``act_order`` (static groups).
+    ``embedding_bits`` / ``lm_head_bits`` (None or 8) store the token embedding / lm_head as
+    int8 rows with one fp16 scale each (:mod:`quantsink.weights.embedding`); when the model
+    ties them, both must be equal and the shared tensor is quantized once.
     """
 
     bits: int = 4
@@ -39,6 +43,8 @@ class WeightConfig:
     damp: float = 0.01
     act_order: bool = False
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    embedding_bits: int | None = None
+    lm_head_bits: int | None = None
 
     def __post_init__(self) -> None:
         check(self.bits in SUPPORTED_WEIGHT_BITS,
@@ -58,3 +64,8 @@ class WeightConfig:
         check(0.0 < self.min_clip <= 1.0,
               f"weights.min_clip must be in (0, 1], got {self.min_clip}")
         check(0.0 < self.damp < 1.0, f"weights.damp must be in (0, 1), got {self.damp}")
+        for name in ("embedding_bits", "lm_head_bits"):
+            v = getattr(self, name)
+            check(v is None or (type(v) is int and v in SUPPORTED_EMBEDDING_BITS),
+                  f"weights.{name}={v!r} is not supported; allowed: "
+                  f"{list(SUPPORTED_EMBEDDING_BITS)} (null = keep floating point)")

@@ -21,6 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quantsink.errors import check
+from quantsink.weights.runtime import make_shells, prepare_model
 
 METHOD = "quantsink"
 
@@ -63,8 +64,10 @@ class QuantsinkHfQuantizer(HfQuantizer):
                             int(w.get("group_size", 128)), k, mod.bias is not None,
                             device=mod.weight.device)
             set_submodule(model, name, q)
+        make_shells(model, w)  # int8 embedding / lm_head
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        prepare_model(model)  # every QuantLinear picks its kernel now, once
         attach_kv_generate(model)
         return model
 

@@ -9,6 +9,9 @@
 - ``quantsink::int4pack_linear(x, packed, scales_zeros, gather_idx, outlier_idx,
   outlier_weight_t, bias, group_size, out_features, pad_column)``: the converted CPU form of
   :mod:`quantsink.weights.cpu_int4` (``CPU`` only).
+- ``quantsink::int8_rows_linear(x, weight_int8, weight_scale, compute_dtype)``: the int8 rows
+  of the embedding / lm_head (:mod:`quantsink.weights.rows_ops`; ``CPU`` kernel, default:
+  the tiled reference).
 
 Both have fake (meta) implementations, so ``torch.compile`` traces them as single nodes.
 They are defined on first use (:func:`ops`), not at import.
@@ -27,6 +30,8 @@ QUANT_LINEAR = ("quant_linear(Tensor x, Tensor weight_packed, Tensor weight_scal
 INT4PACK_LINEAR = ("int4pack_linear(Tensor x, Tensor packed, Tensor scales_zeros, "
                    "Tensor gather_idx, Tensor outlier_idx, Tensor outlier_weight_t, "
                    "Tensor? bias, int group_size, int out_features, bool pad_column) -> Tensor")
+INT8_ROWS_LINEAR = ("int8_rows_linear(Tensor x, Tensor weight_int8, Tensor weight_scale, "
+                    "ScalarType? compute_dtype=None) -> Tensor")
 _LIBS: list[Any] = []  # keeps the Library objects (and so the registrations) alive
 
 
@@ -66,6 +71,22 @@ def _int4pack_fake(x, packed, scales_zeros, gather_idx, outlier_idx, outlier_wei
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def _int8_rows_ref(x, weight_int8, weight_scale, compute_dtype=None):
+    from quantsink.weights.rows_ops import int8_rows_ref
+
+    return int8_rows_ref(x, weight_int8, weight_scale, compute_dtype)
+
+
+def _int8_rows_cpu(x, weight_int8, weight_scale, compute_dtype=None):
+    from quantsink.weights.rows_ops import int8_rows_cpu
+
+    return int8_rows_cpu(x, weight_int8, weight_scale, compute_dtype)
+
+
+def _int8_rows_fake(x, weight_int8, weight_scale, compute_dtype=None):
+    return x.new_empty(*x.shape[:-1], weight_int8.shape[0])
+
+
 @functools.cache
 def ops() -> Any:
     """``torch.ops.quantsink`` with the ops above defined (once per process)."""
@@ -75,7 +96,11 @@ def ops() -> Any:
     lib.impl("quant_linear", _quant_linear_cuda, "CUDA")
     lib.define(INT4PACK_LINEAR)
     lib.impl("int4pack_linear", _int4pack_cpu, "CPU")
+    lib.define(INT8_ROWS_LINEAR)
+    lib.impl("int8_rows_linear", _int8_rows_ref, "CompositeExplicitAutograd")
+    lib.impl("int8_rows_linear", _int8_rows_cpu, "CPU")
     torch.library.register_fake("quantsink::quant_linear", _quant_linear_fake, lib=lib)
     torch.library.register_fake("quantsink::int4pack_linear", _int4pack_fake, lib=lib)
+    torch.library.register_fake("quantsink::int8_rows_linear", _int8_rows_fake, lib=lib)
     _LIBS.append(lib)
     return torch.ops.quantsink

@@ -1,0 +1,73 @@
+"""``x @ (weight_int8 * weight_scale[:, None]).T``: the int8-rows product of the embedding/lm_head.
+
+- CPU with fast bf16, up to :data:`INT8_MAX_ROWS` rows: ``torch._weight_int8pack_mm`` with bf16
+  activations and unit scales (fp32 accumulation, one bf16 rounding), then the fp16 row scale
+  in float32. The aten kernel crashes on ``H % 16 != 0``: those take the tiled path.
+- More rows on such a CPU: tile by tile over the vocabulary, int8 rows -> bf16 (exact), bf16 GEMM.
+- Anything else (other devices, ``reference`` backend): tile by tile in float32 (exact weights).
+
+Registered as ``quantsink::int8_rows_linear`` (:mod:`quantsink.weights.ops`); eager calls go
+straight to the implementation, ``torch.compile`` sees the op.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+INT8_MAX_ROWS = 8  # above: the tiled bf16 GEMM is faster (49,152 x 576, one thread)
+TILE_ROWS = 4096  # vocabulary rows per dequantized tile
+
+
+def int8_rows_ref(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+                  compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Tile by tile in ``compute_dtype`` (float32 by default); ``[..., H] -> [..., V]`` in x.dtype."""
+    dt = compute_dtype or torch.float32
+    x2 = x.reshape(-1, x.shape[-1]).to(dt)  # [M, H]
+    v = weight_int8.shape[0]
+    y = torch.empty(x2.shape[0], v, dtype=torch.float32, device=x.device)
+    for r0 in range(0, v, TILE_ROWS):
+        r1 = min(v, r0 + TILE_ROWS)
+        s = weight_scale[r0:r1].float()
+        if dt == torch.float32:  # exact dequantized tile, then the product
+            y[:, r0:r1] = x2 @ (weight_int8[r0:r1].float() * s[:, None]).T
+        else:  # integer rows are exact in bf16; scale the rounded product in fp32
+            y[:, r0:r1] = (x2 @ weight_int8[r0:r1].to(dt).T).float() * s
+    return y.to(x.dtype).reshape(*x.shape[:-1], v)
+
+
+@functools.cache
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.bfloat16)
+
+
+def int8_rows_cpu(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+                  compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The CPU implementation (see the module docstring)."""
+    h, v = x.shape[-1], weight_int8.shape[0]
+    x2 = x.reshape(-1, h)
+    if compute_dtype != torch.bfloat16 or x2.shape[0] > INT8_MAX_ROWS or h % 16:
+        return int8_rows_ref(x, weight_int8, weight_scale, compute_dtype)
+    y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), weight_int8.contiguous(),
+                                  _ones(v))  # [M, V] bf16
+    return torch.mul(y, weight_scale.float()).to(x.dtype).reshape(*x.shape[:-1], v)
+
+
+def int8_rows_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+                     bf16_host: bool) -> torch.Tensor:
+    """``x: [..., H] -> [..., V]`` in ``x.dtype``, with the fastest path this host allows.
+
+    ``bf16_host``: the CPU has fast bf16 (:func:`~quantsink.weights.cpu_int4.kernel_problem`);
+    the ``reference`` backend (:func:`~quantsink.weights.backend.use_backend`) turns bf16 off
+    in eager mode.
+    """
+    bf16 = bf16_host and x.device.type == "cpu"
+    if torch.compiler.is_compiling():
+        dt = torch.bfloat16 if bf16 else None
+        return torch.ops.quantsink.int8_rows_linear(x, weight_int8, weight_scale, dt)
+    from quantsink.weights.backend import requested_backend
+
+    dt = torch.bfloat16 if bf16 and requested_backend() != "reference" else None
+    if x.device.type == "cpu":
+        return int8_rows_cpu(x, weight_int8, weight_scale, dt)
+    return int8_rows_ref(x, weight_int8, weight_scale, dt)

@@ -1,0 +1,120 @@
+"""Model-level wiring of the weight kernels: int8 embedding / lm_head, kernels chosen at load.
+
+- :func:`quantize_embeddings` (``quantize``): replaces the token embedding and/or the lm_head
+  by int8-row modules (:mod:`quantsink.weights.embedding`) following ``weights.embedding_bits``
+  / ``weights.lm_head_bits``; a tied pair becomes one set of rows.
+- :func:`make_shells` (``from_pretrained``, before the weights load): the same modules, empty,
+  so that the loader fills them from the checkpoint.
+- :func:`prepare_model` (after loading): every packed module picks its kernel now, once, on
+  the device it lives on, instead of on the first forward.
+
+A replaced tied pair is removed from transformers' tied-weights mapping
+(``model.all_tied_weights_keys``): the tie is kept by the modules themselves.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from torch import nn
+
+from quantsink.errors import check
+from quantsink.weights.embedding import Int8Embedding, Int8LMHead
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _is_tied(model: nn.Module, emb: nn.Module, head: nn.Module | None) -> bool:
+    """True when the lm_head shares the embedding's weight (in memory, or by the config)."""
+    if head is None:
+        return False
+    w, hw = getattr(emb, "weight", None), getattr(head, "weight", None)
+    if w is not None and hw is not None and w.device.type != "meta":
+        return hw is w
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(cfg, "tie_word_embeddings", False))
+
+
+def _untie(model: nn.Module, *prefixes: str) -> None:
+    """Drop transformers' tied-weight entries that name the replaced modules."""
+    keys = getattr(model, "all_tied_weights_keys", None)
+    if not keys:
+        return
+    for target, source in list(keys.items()):
+        if any(k.startswith(p + ".") for k in (target, source) for p in prefixes):
+            keys.pop(target)
+
+
+def _plan(model: nn.Module, emb_bits: int | None, head_bits: int | None) -> tuple:
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = _is_tied(model, emb, head)
+    check(not tied or emb_bits == head_bits,
+          f"weights.embedding_bits={emb_bits} and weights.lm_head_bits={head_bits} differ, but this "
+          "model ties embed_tokens and lm_head (one tensor); allowed: equal values")
+    check(emb_bits is None or isinstance(emb, nn.Embedding),
+          f"weights.embedding_bits needs an nn.Embedding input embedding, got {type(emb).__name__}")
+    check(head_bits is None or isinstance(head, nn.Linear),
+          f"weights.lm_head_bits needs an nn.Linear lm_head, got {type(head).__name__}")
+    return emb, head, tied
+
+
+def _install(model: nn.Module, emb: Any, head: Any, new_emb: Any, new_head: Any) -> None:
+    names = []
+    if new_emb is not None:
+        names.append(_name(model, emb))
+        model.set_input_embeddings(new_emb)
+    if new_head is not None:
+        names.append(_name(model, head))
+        model.set_output_embeddings(new_head)
+    _untie(model, *names)
+
+
+def quantize_embeddings(model: nn.Module, embedding_bits: int | None,
+                        lm_head_bits: int | None) -> list[dict]:
+    """Quantize the embedding / lm_head in place; returns report rows (name, shape, bytes)."""
+    if embedding_bits is None and lm_head_bits is None:
+        return []
+    emb, head, tied = _plan(model, embedding_bits, lm_head_bits)
+    emb_name, head_name = _name(model, emb), head is not None and _name(model, head)
+    new_emb = Int8Embedding.from_float(emb) if embedding_bits else None
+    new_head = Int8LMHead.from_float(head, new_emb if tied else None) if lm_head_bits else None
+    _install(model, emb, head, new_emb, new_head)
+    rows = []
+    for name, mod in ((emb_name, new_emb), (head_name, new_head)):
+        if mod is None:
+            continue
+        src = mod.rows if isinstance(mod, Int8LMHead) else mod
+        own = src.weight_int8.numel() + 2 * src.weight_scale.numel()
+        rows.append({"name": name, "bits": 8, "shape": list(src.weight_int8.shape), "tied": tied,
+                     "packed_bytes": own if src is mod else 0})  # a tied head stores nothing
+    return rows
+
+
+def make_shells(model: nn.Module, weights: dict | None) -> None:
+    """Empty int8 embedding / lm_head modules for a checkpoint's ``weights`` section (meta device)."""
+    emb_bits, head_bits = (weights or {}).get("embedding_bits"), (weights or {}).get("lm_head_bits")
+    if emb_bits is None and head_bits is None:
+        return
+    emb, head, tied = _plan(model, emb_bits, head_bits)
+    new_emb = None
+    if emb_bits:
+        w = emb.weight
+        new_emb = Int8Embedding(w.shape[0], w.shape[1], emb.padding_idx, w.dtype, w.device)
+    new_head = None
+    if head_bits:
+        new_head = Int8LMHead(head.in_features, head.out_features, new_emb if tied else None,
+                              head.weight.device)
+    _install(model, emb, head, new_emb, new_head)
+
+
+def prepare_model(model: nn.Module) -> dict[str, int]:
+    """Choose every QuantLinear's kernel now, on its device; returns ``{kernel: count}``."""
+    from quantsink.weights.linear import QuantLinear
+
+    counts: Counter = Counter()
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.weight_packed.device.type != "meta":
+            counts[mod.prepare()] += 1
+    return dict(counts)

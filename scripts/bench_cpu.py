@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""CPU decode benchmark: fp32 / bf16 (DynamicCache) vs the int4-sink export, written to docs/BENCHMARKS.md.
+
+Rows per (context, batch, threads): ``fp32`` and ``bf16`` (the base model, DynamicCache),
+``int4-sink`` (the export with its own SinkQuantCache, as ``generate`` builds it) and
+``int4-sink weights`` (the export with a DynamicCache: the weight kernels alone). Each row
+runs in a fresh subprocess: random prompt ``[batch, context]``, one prefill
+(``logits_to_keep=1``), then a manual loop ``model(input_ids=..., past_key_values=cache,
+use_cache=True)`` of greedy steps. Memory = peak RSS minus the RSS right after importing
+torch, transformers (+ the Llama modeling code) and quantsink.
+
+    python scripts/bench_cpu.py --checkpoint out/            # full grid: ctx 512/2048/8192, batch 1/8, 1 and all threads
+    python scripts/bench_cpu.py --checkpoint out/ --quick    # smoke run: ctx 512/2048, batch 1, 1 thread, 8 steps
+    python scripts/bench_cpu.py --checkpoint out/ --contexts 2048 --batches 1 --threads 1 2
+
+``--checkpoint`` is an ``int4-sink`` export (``quantsink quantize --recipe int4-sink ... --out
+out/``). On a CUDA machine (``--device cuda``) the same rows run on the GPU (fp16 instead of
+bf16) and the W4A16 kernel is timed against dense fp16 on the model's layer shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+BEGIN, END = "<!-- bench_cpu:begin -->", "<!-- bench_cpu:end -->"
+VARIANTS = ("fp32", "bf16", "int4-sink", "int4-sink weights")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="an int4-sink export directory")
+    p.add_argument("--model", default="smollm2-135m", help="the unquantized model (alias or dir)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and all cores")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
+    p.add_argument("--quick", action="store_true", help="ctx 512/2048, batch 1, 1 thread, 8 steps")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+    p.add_argument("--doc", type=Path, default=DOC, help="markdown file whose CPU section is replaced")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.contexts, a.batches, a.threads, a.steps, a.warmup = [512, 2048], [1], [1], 8, 2
+    a.threads = sorted(set(a.threads or [1, os.cpu_count() or 1]))
+    return a
+
+
+# -- worker (one row, fresh process) -----------------------------------------------------
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(spec: dict) -> dict:
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import transformers  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (part of "importing transformers")
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    import quantsink  # noqa: F401  (registers the checkpoint's quant_method)
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values -> cache rename
+    base, dev, variant = _rss_mb(), torch.device(spec["device"]), spec["variant"]
+    half = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    t0 = time.perf_counter()
+    if variant.startswith("int4"):
+        model = AutoModelForCausalLM.from_pretrained(spec["checkpoint"]).to(dev).eval()
+    else:
+        dtype = torch.float32 if variant == "fp32" else half
+        model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=dtype).to(dev).eval()
+    load_s, load_mb = time.perf_counter() - t0, _rss_mb() - base
+    if variant == "int4-sink":
+        from quantsink.weights.hf_quantizer import build_sink_cache
+
+        cache = build_sink_cache(model)  # SinkQuantCache.from_recipe(model, kv_cache, sink_map)
+    else:
+        cache = DynamicCache(config=model.config)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, model.config.vocab_size, (spec["batch"], spec["context"]), generator=g)
+    res = _decode(model, cache, prompt.to(dev), spec["warmup"], spec["steps"])
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_mb() - base
+    return {**spec, **res, "load_s": load_s, "load_mb": load_mb, "peak_mb": peak,
+            "kernels": _kernels(model)}
+
+
+def _decode(model, cache, prompt, warmup: int, steps: int) -> dict:
+    import torch
+
+    def sync() -> None:
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        sync()
+        prefill_s = time.perf_counter() - t0
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                t1 = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        sync()
+        decode_s = time.perf_counter() - t1
+    return {"prefill_s": prefill_s, "tok_s": prompt.shape[0] * steps / decode_s,
+            "ms_per_step": 1e3 * decode_s / steps}
+
+
+def _kernels(model) -> str:
+    from collections import Counter
+
+    c = Counter(getattr(m, "kernel", None) or type(m).__name__ for m in model.modules()
+                if type(m).__name__ in ("QuantLinear", "Int8LMHead"))
+    return ", ".join(f"{k} x{v}" for k, v in sorted(c.items())) or "-"
+
+
+# -- parent ------------------------------------------------------------------------------
+def run_row(spec: dict, timeout: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
+    cmd = [sys.executable, __file__, "--checkpoint", spec["checkpoint"], "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timeout after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {**spec, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def base_dir(model: str) -> str:
+    """The unquantized model's safetensors directory (a GGUF alias is converted once)."""
+    from quantsink.models import _gguf_to_hf, _local_path
+
+    path = _local_path(model)
+    return str(_gguf_to_hf(path) if path is not None and path.is_file() else path or model)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_kernel_rows(checkpoint: str) -> list[str]:
+    """CUDA only: W4A16 (``QuantLinear``) vs dense fp16 ``F.linear`` on the first layer's shapes."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    from triton.testing import do_bench
+
+    import quantsink  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float16).cuda().eval()
+    rows = ["| layer | out x in | rows | W4A16 us | dense fp16 us | speedup |", "|---|---|---|---|---|---|"]
+    for name, mod in model.model.layers[0].named_modules():
+        if type(mod).__name__ != "QuantLinear":
+            continue
+        w = mod.dequantize().half()
+        for m in (1, 8):
+            x = torch.randn(m, mod.in_features, device="cuda", dtype=torch.float16)
+            q = 1e3 * do_bench(lambda: mod(x), return_mode="median")
+            d = 1e3 * do_bench(lambda: F.linear(x, w), return_mode="median")
+            rows.append(f"| {name} | {mod.out_features} x {mod.in_features} | {m} | {q:.1f} | {d:.1f} "
+                        f"| {d / q:.2f}x |")
+    return rows
+
+
+def table(results: list[dict]) -> list[str]:
+    rows = ["| ctx | batch | threads | model (cache) | prefill s | decode tok/s | ms/step | "
+            "x best unquantized | peak MB over import | x fp32 memory | weight kernels |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        key = (r["context"], r["batch"], r["threads"])
+        peers = {p["variant"]: p for p in results if (p["context"], p["batch"], p["threads"]) == key}
+        cache = "SinkQuantCache" if r["variant"] == "int4-sink" else "DynamicCache"
+        head = f"| {r['context']} | {r['batch']} | {r['threads']} | {r['variant']} ({cache}) |"
+        if "error" in r:
+            rows.append(f"{head} {r['error']} | | | | | | |")
+            continue
+        best = max((peers[v]["tok_s"] for v in ("fp32", "bf16") if "tok_s" in peers.get(v, {})),
+                   default=float("nan"))
+        fp32_mb = peers.get("fp32", {}).get("peak_mb", float("nan"))
+        rows.append(f"{head} {r['prefill_s']:.1f} | {r['tok_s']:.1f} | {r['ms_per_step']:.0f} | "
+                    f"{r['tok_s'] / best:.2f}x | {r['peak_mb']:.0f} | {r['peak_mb'] / fp32_mb:.2f}x | "
+                    f"{r['kernels']} |")
+    return rows
+
+
+def markdown(results: list[dict], a: argparse.Namespace, cmd: str, gpu: list[str]) -> str:
+    import torch
+    import transformers
+
+    dev = torch.cuda.get_device_name(0) if a.device == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
+    lines = [BEGIN, "## CPU decode: int4-sink export vs fp32 / bf16 (`scripts/bench_cpu.py`)", "",
+             f"Measured {datetime.date.today().isoformat()} on {dev}; torch {torch.__version__}, "
+             f"transformers {transformers.__version__}, Python {platform.python_version()}.", "",
+             f"```bash\n{cmd}\n```", "",
+             f"Random prompt ``[batch, ctx]``, one prefill, then {a.warmup} untimed + {a.steps} timed "
+             "greedy steps of `model(input_ids=..., past_key_values=cache, use_cache=True)`; one fresh "
+             "process per row; memory = peak RSS minus the RSS after importing torch, transformers and "
+             "quantsink (on CUDA: `max_memory_allocated`). `int4-sink weights` is the export with a "
+             "DynamicCache (the weight kernels alone); `x best unquantized` divides by the faster of "
+             "fp32 / bf16 in the same (ctx, batch, threads).", "", *table(results), ""]
+    if gpu:
+        lines += ["W4A16 kernel vs dense fp16 (`triton.testing.do_bench`, median):", "", *gpu, ""]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_doc(doc: Path, section: str) -> None:
+    """Replace the delimited CPU section of ``doc`` (appended when absent); the rest is kept."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text)
+
+
+def main() -> None:
+    a = parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
+        return
+    import torch
+
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, results = base_dir(a.model), []
+    for ctx in a.contexts:
+        for batch in a.batches:
+            for threads in a.threads:
+                for variant in a.variants:
+                    spec = dict(variant=variant, context=ctx, batch=batch, threads=threads,
+                                steps=a.steps, warmup=a.warmup, device=a.device, base=base,
+                                checkpoint=str(a.checkpoint))
+                    r = run_row(spec, a.timeout)
+                    results.append(r)
+                    print(json.dumps({k: v for k, v in r.items() if k not in ("base", "checkpoint")}),
+                          flush=True)
+    gpu = gpu_kernel_rows(str(a.checkpoint)) if a.device == "cuda" else []
+    cmd = "python scripts/bench_cpu.py " + " ".join(sys.argv[1:])
+    section = markdown(results, a, cmd, gpu)
+    write_doc(a.doc, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
