@@ -225,6 +225,8 @@ def markdown(results: list[dict], a: argparse.Namespace, cmd: str, gpu: list[str
              f"Measured {datetime.date.today().isoformat()} on {dev}; torch {torch.__version__}, "
              f"transformers {transformers.__version__}, Python {platform.python_version()}.", "",
              f"```bash\n{cmd}\n```", "",
+             *(["**Smoke run (`--quick`)**: few contexts and steps; rerun without `--quick` on a quiet "
+                "machine for reference figures.", ""] if a.quick else []),
              f"Random prompt ``[batch, ctx]``, one prefill, then {a.warmup} untimed + {a.steps} timed "
              "greedy steps of `model(input_ids=..., past_key_values=cache, use_cache=True)`; one fresh "
              "process per row; memory = peak RSS minus the RSS after importing torch, transformers and "

@@ -24,7 +24,7 @@ def _convert(layer):
 def _run(layer, p, x):
     return int4pack_linear_cpu(x, p.packed, p.scales_zeros, p.gather_idx, p.outlier_idx,
                                p.outlier_weight_t, layer.bias, layer.group_size,
-                               layer.out_features, p.pad_column)
+                               layer.out_features, p.pad)
 
 
 def _ref(layer, keep, x, compute_dtype=None):
@@ -45,7 +45,7 @@ def test_converted_grid_is_exact_and_padding_is_inert(out, inp, group, k) -> Non
     want_z = ((8 - layer.weight_zero_point.float()) * layer.weight_scale.float()).T
     assert torch.equal(sz[:, :out, 1], want_z.bfloat16().float())
     assert not sz[:, out:].any()  # padded outputs: zero scale and zero
-    assert p.pad_column == (n_q % group != 0)
+    assert p.pad == -(-n_q // group) * group - n_q
 
 
 @pytest.mark.parametrize("out,inp,group,k", SHAPES)

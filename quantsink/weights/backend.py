@@ -159,7 +159,7 @@ def _int4_calls(p: Int4Pack, args: tuple, out_features: int) -> tuple[Callable, 
 
     int4_op, ref_op = torch.ops.quantsink.int4pack_linear, torch.ops.quantsink.quant_linear
     kargs = (p.packed, p.scales_zeros, p.gather_idx, p.outlier_idx, p.outlier_weight_t,
-             args[6], args[8], out_features, p.pad_column)
+             args[6], args[8], out_features, p.pad)
 
     def eager(x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= INT4PACK_MAX_ROWS * x.shape[-1]:

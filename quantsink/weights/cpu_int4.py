@@ -12,7 +12,7 @@ kept input channels. The conversion:
   ``(c - 8) * scale + z == (c - zp) * scale`` bit for bit (:func:`convert` checks it on
   every code of every group); the kernel then rounds ``scale`` and ``z`` to bf16;
 - K: x's kept channels are gathered (``gather_idx``) and padded with zeros to a multiple of
-  ``G`` (index ``in_features`` is an appended zero column), so padding contributes 0;
+  ``G`` (the padding slots gather channel 0 and are zeroed), so padding contributes 0;
 - N: padded to a multiple of 16 with zero scale and zero; those outputs are sliced off.
 
 The fp16 outlier columns are a float32 ``addmm`` on x's gathered outlier channels.
@@ -23,7 +23,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from quantsink.errors import check
 from quantsink.weights.qmatmul import unpack_rows
@@ -37,8 +36,8 @@ class Int4Pack:
 
     packed: torch.Tensor  # uint8 [N_pad, K_pad / 2], the kernel's own layout
     scales_zeros: torch.Tensor  # bf16 [K_pad / G, N_pad, 2]
-    gather_idx: torch.Tensor  # int64 [K_pad] (empty: x is used as is)
-    pad_column: bool  # gather_idx points at an appended zero column
+    gather_idx: torch.Tensor  # int64 [K_pad + k]: kept, padding (0), outliers; empty: x as is
+    pad: int  # K_pad - n_q padding slots, zeroed after the gather
     outlier_idx: torch.Tensor  # int64 [k]
     outlier_weight_t: torch.Tensor  # float32 [k, N]
 
@@ -56,9 +55,11 @@ def kernel_problem() -> str | None:
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT" or \
             not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU has no fast bf16 (oneDNN reports no bf16 support)"
-    codes = torch.arange(16 * 64, dtype=torch.int32).reshape(16, 64) % 16  # [N, K]
-    sz = torch.stack([torch.full((2, 16), 0.5), torch.full((2, 16), -1.0)], -1).bfloat16()
-    x = torch.eye(64, dtype=torch.bfloat16)[:3]
+    cpu = torch.device("cpu")  # explicit: this may first run under transformers' meta device
+    codes = torch.arange(16 * 64, dtype=torch.int32, device=cpu).reshape(16, 64) % 16  # [N, K]
+    sz = torch.stack([torch.full((2, 16), 0.5, device=cpu), torch.full((2, 16), -1.0, device=cpu)],
+                     -1).bfloat16()
+    x = torch.eye(64, dtype=torch.bfloat16, device=cpu)[:3]
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), 32, sz)
     want = ((codes[:, :3].T.float() - 8) * 0.5 - 1.0)  # [3, N]
@@ -80,11 +81,11 @@ def _grid(scale: torch.Tensor, zero: torch.Tensor, n_pad: int) -> torch.Tensor:
     """bf16 ``[G, n_pad, 2]`` of ``(scale, (8 - zero) * scale)``; checks the conversion."""
     s = scale.float()  # [N, G]
     z = (8 - zero.float()) * s
-    c = torch.arange(16, dtype=torch.float32)[:, None, None]  # every code value
+    c = torch.arange(16, dtype=torch.float32, device=s.device)[:, None, None]  # every code value
     check(torch.equal((c - 8) * s + z, (c - zero.float()) * s),
           "the int4pack grid conversion is not exact for these weight_scale values; allowed: "
           "fp16-representable scales (what quantize() writes)")
-    out = torch.zeros(s.shape[1], n_pad, 2)
+    out = torch.zeros(s.shape[1], n_pad, 2, device=s.device)
     out[:, : s.shape[0], 0], out[:, : s.shape[0], 1] = s.T, z.T
     return out.to(torch.bfloat16)
 
@@ -96,31 +97,33 @@ def convert(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
     n, n_q = weight_packed.shape[0], keep_idx.numel()
     k_pad = -(-n_q // group_size) * group_size
     n_pad = -(-n // 16) * 16
-    codes = torch.full((n_pad, k_pad), 8, dtype=torch.int32)  # [N_pad, K_pad]
+    codes = torch.full((n_pad, k_pad), 8, dtype=torch.int32, device=weight_packed.device)
     codes[:n, :n_q] = unpack_rows(weight_packed, 4)[:, :n_q]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    pad = torch.full((k_pad - n_q,), in_features, dtype=torch.long)  # the zero column
+    pad = torch.zeros(k_pad - n_q, dtype=torch.long, device=keep_idx.device)  # zeroed later
     gather = torch.cat([keep_idx.long(), pad, outlier_idx.long()])  # [K_pad + k]
     if n_q == in_features == k_pad:
         gather = gather[:0]  # x is used as is
-    return Int4Pack(packed, _grid(weight_scale, weight_zero_point, n_pad), gather, k_pad > n_q,
+    return Int4Pack(packed, _grid(weight_scale, weight_zero_point, n_pad), gather, k_pad - n_q,
                     outlier_idx.long(), outlier_weight.float().T.contiguous())
 
 
 def int4pack_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
                         gather_idx: torch.Tensor, outlier_idx: torch.Tensor,
                         outlier_weight_t: torch.Tensor, bias: torch.Tensor | None,
-                        group_size: int, out_features: int, pad_column: bool) -> torch.Tensor:
+                        group_size: int, out_features: int, pad: int) -> torch.Tensor:
     """``x: [..., in] -> [..., out]`` in ``x.dtype`` through the kernel (see the module docstring).
 
-    ``gather_idx`` lists the kept channels, the padding (index ``in``: a zero column appended
-    when ``pad_column``) and the outlier channels: one gather serves both products.
+    ``gather_idx`` lists the kept channels, the ``pad`` padding slots (zeroed here) and the
+    outlier channels: one gather serves both products.
     """
     x2 = x.reshape(-1, x.shape[-1])  # [M, in]
     k_pad = packed.shape[1] * 2
     if gather_idx.numel():
-        xg = (F.pad(x2, (0, 1)) if pad_column else x2).index_select(1, gather_idx)
+        xg = x2.index_select(1, gather_idx)  # [M, K_pad + k]
         xq, xo = xg[:, :k_pad].to(torch.bfloat16).contiguous(), xg[:, k_pad:]  # [M, K_pad], [M, k]
+        if pad:
+            xq[:, k_pad - pad:].zero_()
     else:
         xq, xo = x2.to(torch.bfloat16).contiguous(), x2[:, :0]
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(xq, packed, group_size, scales_zeros)

@@ -7,7 +7,7 @@
   (:mod:`quantsink.kernels.w4a16`, fp16 outlier columns fused) for 4-bit weights with fp16
   or bf16 activations, the reference otherwise.
 - ``quantsink::int4pack_linear(x, packed, scales_zeros, gather_idx, outlier_idx,
-  outlier_weight_t, bias, group_size, out_features, pad_column)``: the converted CPU form of
+  outlier_weight_t, bias, group_size, out_features, pad)``: the converted CPU form of
   :mod:`quantsink.weights.cpu_int4` (``CPU`` only).
 - ``quantsink::int8_rows_linear(x, weight_int8, weight_scale, compute_dtype)``: the int8 rows
   of the embedding / lm_head (:mod:`quantsink.weights.rows_ops`; ``CPU`` kernel, default:
@@ -29,7 +29,7 @@ QUANT_LINEAR = ("quant_linear(Tensor x, Tensor weight_packed, Tensor weight_scal
                 "ScalarType? compute_dtype=None) -> Tensor")
 INT4PACK_LINEAR = ("int4pack_linear(Tensor x, Tensor packed, Tensor scales_zeros, "
                    "Tensor gather_idx, Tensor outlier_idx, Tensor outlier_weight_t, "
-                   "Tensor? bias, int group_size, int out_features, bool pad_column) -> Tensor")
+                   "Tensor? bias, int group_size, int out_features, int pad) -> Tensor")
 INT8_ROWS_LINEAR = ("int8_rows_linear(Tensor x, Tensor weight_int8, Tensor weight_scale, "
                     "ScalarType? compute_dtype=None) -> Tensor")
 _LIBS: list[Any] = []  # keeps the Library objects (and so the registrations) alive
@@ -59,15 +59,15 @@ def _quant_linear_fake(x, weight_packed, *args, **kwargs):
 
 
 def _int4pack_cpu(x, packed, scales_zeros, gather_idx, outlier_idx, outlier_weight_t, bias,
-                  group_size, out_features, pad_column):
+                  group_size, out_features, pad):
     from quantsink.weights.cpu_int4 import int4pack_linear_cpu
 
     return int4pack_linear_cpu(x, packed, scales_zeros, gather_idx, outlier_idx,
-                               outlier_weight_t, bias, group_size, out_features, pad_column)
+                               outlier_weight_t, bias, group_size, out_features, pad)
 
 
 def _int4pack_fake(x, packed, scales_zeros, gather_idx, outlier_idx, outlier_weight_t, bias,
-                   group_size, out_features, pad_column):
+                   group_size, out_features, pad):
     return x.new_empty(*x.shape[:-1], out_features)
 
 

@@ -38,7 +38,7 @@ def int8_rows_ref(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torc
 
 @functools.cache
 def _ones(n: int) -> torch.Tensor:
-    return torch.ones(n, dtype=torch.bfloat16)
+    return torch.ones(n, dtype=torch.bfloat16, device="cpu")
 
 
 def int8_rows_cpu(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
