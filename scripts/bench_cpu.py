@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="feed the prompt in chunks of this many tokens (0: one forward, as generate does)")
     p.add_argument("--quick", action="store_true", help="ctx 512/2048, batch 1, 1 thread, 8 steps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
@@ -100,13 +102,36 @@ def worker(spec: dict) -> dict:
         cache = DynamicCache(config=model.config)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, model.config.vocab_size, (spec["batch"], spec["context"]), generator=g)
-    res = _decode(model, cache, prompt.to(dev), spec["warmup"], spec["steps"])
+    res = _decode(model, cache, prompt.to(dev), spec["warmup"], spec["steps"], spec["chunk"])
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_mb() - base
     return {**spec, **res, "load_s": load_s, "load_mb": load_mb, "peak_mb": peak,
-            "kernels": _kernels(model)}
+            "linear_ms": _linear_ms(model, spec["batch"], dev), "kernels": _kernels(model)}
 
 
-def _decode(model, cache, prompt, warmup: int, steps: int) -> dict:
+def _linear_ms(model, batch: int, dev) -> float:
+    """One decode step of the weight products alone: every Linear of the model (lm_head too)
+    on a random ``[batch, in]`` row; the fastest of 10 passes (ms)."""
+    import torch
+
+    mods = [m for m in model.modules()
+            if type(m).__name__ in ("Linear", "QuantLinear", "Int8LMHead")]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    xs = [torch.randn(batch, m.in_features, device=dev, dtype=dtype) for m in mods]
+    times = []
+    with torch.no_grad():
+        for _ in range(11):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for m, x in zip(mods, xs):
+                m(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    return 1e3 * min(times[1:])
+
+
+def _decode(model, cache, prompt, warmup: int, steps: int, chunk: int) -> dict:
     import torch
 
     def sync() -> None:
@@ -115,20 +140,21 @@ def _decode(model, cache, prompt, warmup: int, steps: int) -> dict:
 
     with torch.no_grad():
         t0 = time.perf_counter()
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for c0 in range(0, prompt.shape[1], chunk or prompt.shape[1]):
+            ids = prompt[:, c0:c0 + (chunk or prompt.shape[1])]
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
         sync()
         prefill_s = time.perf_counter() - t0
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync()
-                t1 = time.perf_counter()
+        times = []
+        for _ in range(warmup + steps):
+            t1 = time.perf_counter()
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
-        sync()
-        decode_s = time.perf_counter() - t1
-    return {"prefill_s": prefill_s, "tok_s": prompt.shape[0] * steps / decode_s,
-            "ms_per_step": 1e3 * decode_s / steps}
+            sync()
+            times.append(time.perf_counter() - t1)
+    step = sorted(times[warmup:])[steps // 2]  # median: robust to other processes' bursts
+    return {"prefill_s": prefill_s, "tok_s": prompt.shape[0] / step, "ms_per_step": 1e3 * step}
 
 
 def _kernels(model) -> str:
@@ -197,21 +223,22 @@ def gpu_kernel_rows(checkpoint: str) -> list[str]:
 
 def table(results: list[dict]) -> list[str]:
     rows = ["| ctx | batch | threads | model (cache) | prefill s | decode tok/s | ms/step | "
-            "x best unquantized | peak MB over import | x fp32 memory | weight kernels |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "x best unquantized | weight products ms/step | peak MB over import | x fp32 memory | "
+            "weight kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         key = (r["context"], r["batch"], r["threads"])
         peers = {p["variant"]: p for p in results if (p["context"], p["batch"], p["threads"]) == key}
         cache = "SinkQuantCache" if r["variant"] == "int4-sink" else "DynamicCache"
         head = f"| {r['context']} | {r['batch']} | {r['threads']} | {r['variant']} ({cache}) |"
         if "error" in r:
-            rows.append(f"{head} {r['error']} | | | | | | |")
+            rows.append(f"{head} {r['error']} | | | | | | | |")
             continue
         best = max((peers[v]["tok_s"] for v in ("fp32", "bf16") if "tok_s" in peers.get(v, {})),
                    default=float("nan"))
         fp32_mb = peers.get("fp32", {}).get("peak_mb", float("nan"))
         rows.append(f"{head} {r['prefill_s']:.1f} | {r['tok_s']:.1f} | {r['ms_per_step']:.0f} | "
-                    f"{r['tok_s'] / best:.2f}x | {r['peak_mb']:.0f} | {r['peak_mb'] / fp32_mb:.2f}x | "
+                    f"{r['tok_s'] / best:.2f}x | {r['linear_ms']:.1f} | {r['peak_mb']:.0f} | "
+                    f"{r['peak_mb'] / fp32_mb:.2f}x | "
                     f"{r['kernels']} |")
     return rows
 
@@ -227,12 +254,17 @@ def markdown(results: list[dict], a: argparse.Namespace, cmd: str, gpu: list[str
              f"```bash\n{cmd}\n```", "",
              *(["**Smoke run (`--quick`)**: few contexts and steps; rerun without `--quick` on a quiet "
                 "machine for reference figures.", ""] if a.quick else []),
-             f"Random prompt ``[batch, ctx]``, one prefill, then {a.warmup} untimed + {a.steps} timed "
-             "greedy steps of `model(input_ids=..., past_key_values=cache, use_cache=True)`; one fresh "
+             f"Random prompt ``[batch, ctx]``, "
+             f"{f'prefilled in chunks of {a.prefill_chunk} tokens' if a.prefill_chunk else 'one prefill'}, "
+             f"then {a.warmup} untimed + {a.steps} timed "
+             "greedy steps of `model(input_ids=..., past_key_values=cache, use_cache=True)` (tok/s "
+             "from the median step); one fresh "
              "process per row; memory = peak RSS minus the RSS after importing torch, transformers and "
              "quantsink (on CUDA: `max_memory_allocated`). `int4-sink weights` is the export with a "
-             "DynamicCache (the weight kernels alone); `x best unquantized` divides by the faster of "
-             "fp32 / bf16 in the same (ctx, batch, threads).", "", *table(results), ""]
+             "DynamicCache; `x best unquantized` divides by the faster of fp32 / bf16 in the same "
+             "(ctx, batch, threads); `weight products ms/step` runs every Linear (and the lm_head) of "
+             "the model once on a random `[batch, in]` row, no attention or cache: the weight "
+             "kernels' share of a decode step.", "", *table(results), ""]
     if gpu:
         lines += ["W4A16 kernel vs dense fp16 (`triton.testing.do_bench`, median):", "", *gpu, ""]
     lines.append(END)
@@ -264,8 +296,8 @@ def main() -> None:
             for threads in a.threads:
                 for variant in a.variants:
                     spec = dict(variant=variant, context=ctx, batch=batch, threads=threads,
-                                steps=a.steps, warmup=a.warmup, device=a.device, base=base,
-                                checkpoint=str(a.checkpoint))
+                                steps=a.steps, warmup=a.warmup, chunk=a.prefill_chunk,
+                                device=a.device, base=base, checkpoint=str(a.checkpoint))
                     r = run_row(spec, a.timeout)
                     results.append(r)
                     print(json.dumps({k: v for k, v in r.items() if k not in ("base", "checkpoint")}),

@@ -48,6 +48,14 @@ class _Rows(nn.Module):
         self.weight_int8.copy_(codes)
         self.weight_scale.copy_(scale)
 
+    def prepare(self) -> None:
+        """Give the CPU kernel a 16-byte-aligned copy of the rows if the loaded ones are not."""
+        from quantsink.weights.rows_ops import aligned
+
+        w = self.weight_int8
+        if w.device.type == "cpu" and w.shape[-1] % 16 == 0 and not aligned(w):
+            self.weight_int8 = w.clone()  # the allocator aligns to 64 bytes
+
     def dequantize(self) -> torch.Tensor:
         """The effective weight ``[V, H]`` in float32."""
         return self.weight_int8.float() * self.weight_scale.float()[:, None]

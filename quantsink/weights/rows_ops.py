@@ -2,7 +2,10 @@
 
 - CPU with fast bf16, up to :data:`INT8_MAX_ROWS` rows: ``torch._weight_int8pack_mm`` with bf16
   activations and unit scales (fp32 accumulation, one bf16 rounding), then the fp16 row scale
-  in float32. The aten kernel crashes on ``H % 16 != 0``: those take the tiled path.
+  in float32. The aten kernel (torch 2.13) crashes (general protection fault) when x is not
+  32-byte aligned, or, from 4 rows on, the weight is not 16-byte aligned (a safetensors mmap
+  view often is not), or ``H % 16 != 0``. So x is copied when it is not 64-byte aligned, and
+  such weights take the tiled path (``Int8Embedding.prepare`` makes an aligned copy once).
 - More rows on such a CPU: tile by tile over the vocabulary, int8 rows -> bf16 (exact), bf16 GEMM.
 - Anything else (other devices, ``reference`` backend): tile by tile in float32 (exact weights).
 
@@ -36,6 +39,11 @@ def int8_rows_ref(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torc
     return y.to(x.dtype).reshape(*x.shape[:-1], v)
 
 
+def aligned(w: torch.Tensor) -> bool:
+    """Whether ``torch._weight_int8pack_mm`` can read ``w: [V, H]`` safely (see the docstring)."""
+    return w.is_contiguous() and w.data_ptr() % 64 == 0 and w.shape[-1] % 16 == 0
+
+
 @functools.cache
 def _ones(n: int) -> torch.Tensor:
     return torch.ones(n, dtype=torch.bfloat16, device="cpu")
@@ -46,10 +54,12 @@ def int8_rows_cpu(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torc
     """The CPU implementation (see the module docstring)."""
     h, v = x.shape[-1], weight_int8.shape[0]
     x2 = x.reshape(-1, h)
-    if compute_dtype != torch.bfloat16 or x2.shape[0] > INT8_MAX_ROWS or h % 16:
+    if compute_dtype != torch.bfloat16 or x2.shape[0] > INT8_MAX_ROWS or not aligned(weight_int8):
         return int8_rows_ref(x, weight_int8, weight_scale, compute_dtype)
-    y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), weight_int8.contiguous(),
-                                  _ones(v))  # [M, V] bf16
+    xb = x2.to(torch.bfloat16)
+    if not xb.is_contiguous() or xb.data_ptr() % 64:
+        xb = xb.clone(memory_format=torch.contiguous_format)  # fresh memory is 64-byte aligned
+    y = torch._weight_int8pack_mm(xb, weight_int8, _ones(v))  # [M, V] bf16
     return torch.mul(y, weight_scale.float()).to(x.dtype).reshape(*x.shape[:-1], v)
 
 
