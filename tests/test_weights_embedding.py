@@ -94,6 +94,18 @@ def test_untied_head_gets_its_own_rows() -> None:
     assert "lm_head.weight_int8" in model.state_dict()
 
 
+def test_scaled_or_biased_modules_are_refused() -> None:
+    import tiny_models
+
+    gemma = tiny_models.build("gemma3")  # its embedding multiplies by sqrt(hidden) in forward
+    with pytest.raises(QuantsinkError, match="needs a plain nn.Embedding"):
+        quantize_embeddings(gemma, 8, 8)
+    model = _tiny(tied=False)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
+    with pytest.raises(QuantsinkError, match="bias-free nn.Linear"):
+        quantize_embeddings(model, None, 8)
+
+
 @pytest.mark.parametrize("value", [4, "8", True, 16])
 def test_recipe_values_are_strict(value) -> None:
     with pytest.raises(QuantsinkError, match="embedding_bits=.*not supported; allowed"):

@@ -117,9 +117,8 @@ def choose(layer: Any, device: torch.device) -> str:
 
 def build_plan(layer: Any, device: torch.device, kind: str | None = None) -> Plan:
     """The plan of ``layer`` on ``device`` (backend ``kind``, default: :func:`choose`)."""
-    from quantsink.weights.outliers import split_columns
-
     from quantsink.weights.ops import ops
+    from quantsink.weights.outliers import split_columns
 
     ops()  # define the torch.ops.quantsink ops (once per process)
     kind = kind or choose(layer, device)
@@ -131,11 +130,11 @@ def build_plan(layer: Any, device: torch.device, kind: str | None = None) -> Pla
     if kind == "int4pack":
         int4 = convert(*args[:6], layer.group_size, layer.in_features)
         eager, traced = _int4_calls(int4, args, layer.out_features)
-    elif kind == "reference" or device.type != "cuda":
+    elif kind == "triton":  # the op's CUDA implementation is the triton kernel
+        eager = traced = functools.partial(_op, *args)
+    else:  # reference: the op on CUDA would be triton, so call the function there
         eager = functools.partial(_reference, *args)
-        traced = eager if device.type == "cuda" else functools.partial(_op_reference, *args)
-    else:
-        eager = traced = functools.partial(_op_reference, *args)  # CUDA: the triton kernel
+        traced = eager if device.type == "cuda" else functools.partial(_op, *args)
     return Plan(kind, device, _FORCED.get(), tensors, tuple(t._version for t in tensors),
                 layer._parameters.get("bias"), eager, traced, int4)
 
@@ -147,7 +146,7 @@ def _reference(*args: Any) -> torch.Tensor:
     return quant_linear_ref(x, *params)
 
 
-def _op_reference(*args: Any) -> torch.Tensor:
+def _op(*args: Any) -> torch.Tensor:
     *params, x = args
     return torch.ops.quantsink.quant_linear(x, *params)  # defined by build_plan
 

@@ -53,10 +53,12 @@ def _plan(model: nn.Module, emb_bits: int | None, head_bits: int | None) -> tupl
     check(not tied or emb_bits == head_bits,
           f"weights.embedding_bits={emb_bits} and weights.lm_head_bits={head_bits} differ, but this "
           "model ties embed_tokens and lm_head (one tensor); allowed: equal values")
-    check(emb_bits is None or isinstance(emb, nn.Embedding),
-          f"weights.embedding_bits needs an nn.Embedding input embedding, got {type(emb).__name__}")
-    check(head_bits is None or isinstance(head, nn.Linear),
-          f"weights.lm_head_bits needs an nn.Linear lm_head, got {type(head).__name__}")
+    check(emb_bits is None or (type(emb) is nn.Embedding and emb.max_norm is None),
+          f"weights.embedding_bits needs a plain nn.Embedding (no max_norm), got "
+          f"{type(emb).__name__}; allowed: embedding_bits: null for this model")
+    check(head_bits is None or (type(head) is nn.Linear and head.bias is None),
+          f"weights.lm_head_bits needs a bias-free nn.Linear lm_head, got {type(head).__name__}; "
+          "allowed: lm_head_bits: null for this model")
     return emb, head, tied
 
 
