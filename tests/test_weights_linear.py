@@ -59,6 +59,15 @@ def test_auto_picks_int4pack_on_this_cpu() -> None:
     assert make_layer(64, 128, 64, 0).prepare("cpu") == "int4pack"
 
 
+def test_hosts_without_fast_bf16_fall_back_to_the_reference(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_int4, "kernel_problem", lambda: "this CPU has no fast bf16")
+    layer = make_layer(64, 128, 64, 2)
+    assert layer.prepare("cpu") == "reference"
+    with pytest.raises(QuantsinkError, match="no fast bf16"):
+        with use_backend("int4pack"):
+            layer.prepare("cpu")
+
+
 def test_forcing_a_backend_that_cannot_run_is_one_line(monkeypatch) -> None:
     layer = make_layer(64, 128, 64, 0, bits=8)
     monkeypatch.setenv(backend.ENV, "int4pack")

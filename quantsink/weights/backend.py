@@ -78,10 +78,13 @@ class Plan:
 
     def valid(self, layer: Any, device: torch.device) -> bool:
         """Same device, same requested backend, same buffer objects at the same versions."""
-        b = layer._buffers
-        return device == self.device and _FORCED.get() == self.forced \
-            and layer._parameters.get("bias") is self.bias and all(
-                b[n] is t and t._version == v for n, t, v in zip(_KEYED, self.tensors, self.versions))
+        b, (p, s, z, i, o), (vp, vs, vz, vi, vo) = layer._buffers, self.tensors, self.versions
+        return (device == self.device and _FORCED.get() == self.forced
+                and b["weight_packed"] is p and b["weight_scale"] is s
+                and b["weight_zero_point"] is z and b["outlier_idx"] is i
+                and b["outlier_weight"] is o and layer._parameters.get("bias") is self.bias
+                and p._version == vp and s._version == vs and z._version == vz
+                and i._version == vi and o._version == vo)
 
 
 def _problem(kind: str, layer: Any, device: torch.device) -> str | None:

@@ -45,9 +45,8 @@ def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     width = groups * group_size
     if codes.shape[1] < width:
         codes = F.pad(codes, (0, width - codes.shape[1]))
-    c = codes[:, :width].view(rows, groups, group_size).to(torch.float32)
-    s = scale.to(torch.float32)[:, :, None]
-    w = (c - zero.to(torch.float32)[:, :, None]) * s  # exact in fp32
+    w = codes[:, :width].view(rows, groups, group_size).to(torch.float32)
+    w.sub_(zero.to(torch.float32)[:, :, None]).mul_(scale.to(torch.float32)[:, :, None])  # exact
     return w.view(rows, width)[:, :n_q].to(dtype)
 
 
