@@ -19,6 +19,7 @@ triton is imported (fp16/fp32 only there). Untuned: no GPU was lent when it was 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -97,11 +98,16 @@ def _check(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Ten
         check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}; allowed: one device")
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _splits(groups: int, programs: int, device: torch.device) -> int:
     """Split-K: about two programs per SM (untuned), at least 2 groups per split."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(2 * sms // max(programs, 1), groups // 2, 64))
 
 

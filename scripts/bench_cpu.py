@@ -14,8 +14,9 @@ torch, transformers (+ the Llama modeling code) and quantsink.
     python scripts/bench_cpu.py --checkpoint out/ --contexts 2048 --batches 1 --threads 1 2
 
 ``--checkpoint`` is an ``int4-sink`` export (``quantsink quantize --recipe int4-sink ... --out
-out/``). On a CUDA machine (``--device cuda``) the same rows run on the GPU (fp16 instead of
-bf16) and the W4A16 kernel is timed against dense fp16 on the model's layer shapes.
+out/``). Each layer shape's kernel is also timed against dense ``F.linear`` (``--no-kernels``
+skips it). On a CUDA machine (``--device cuda``) the same rows run on the GPU (fp16 instead of
+bf16) and the W4A16 kernel is timed against dense fp16.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="ctx 512/2048, batch 1, 1 thread, 8 steps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each layer shape's kernel against dense F.linear")
     p.add_argument("--doc", type=Path, default=DOC, help="markdown file whose CPU section is replaced")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -197,28 +200,54 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def gpu_kernel_rows(checkpoint: str) -> list[str]:
-    """CUDA only: W4A16 (``QuantLinear``) vs dense fp16 ``F.linear`` on the first layer's shapes."""
+def kernel_rows(checkpoint: str, device: str) -> list[str]:
+    """Per layer shape (layer 0 and the lm_head): the packed module vs dense ``F.linear``.
+
+    CPU: one thread, fastest of 30 calls, dense fp32 and bf16 weights; CUDA: fp16 model,
+    ``triton.testing.do_bench`` median, dense fp16.
+    """
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
-    from triton.testing import do_bench
 
     import quantsink  # noqa: F401
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float16).cuda().eval()
-    rows = ["| layer | out x in | rows | W4A16 us | dense fp16 us | speedup |", "|---|---|---|---|---|---|"]
-    for name, mod in model.model.layers[0].named_modules():
-        if type(mod).__name__ != "QuantLinear":
-            continue
-        w = mod.dequantize().half()
-        for m in (1, 8):
-            x = torch.randn(m, mod.in_features, device="cuda", dtype=torch.float16)
-            q = 1e3 * do_bench(lambda: mod(x), return_mode="median")
-            d = 1e3 * do_bench(lambda: F.linear(x, w), return_mode="median")
-            rows.append(f"| {name} | {mod.out_features} x {mod.in_features} | {m} | {q:.1f} | {d:.1f} "
-                        f"| {d / q:.2f}x |")
+    cuda = device == "cuda"
+    torch.set_num_threads(1)
+    dtype = torch.float16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    mods = [(n, m) for n, m in model.model.layers[0].named_modules()
+            if type(m).__name__ == "QuantLinear"] + [("lm_head", model.lm_head)]
+    dense = ("fp16",) if cuda else ("fp32", "bf16")
+    rows = [f"| layer | out x in | rows | packed us (kernel) | {' | '.join(f'dense {d} us' for d in dense)} "
+            f"| speedup vs {dense[0]} |", "|---|---|---|---|" + "---|" * len(dense) + "---|"]
+    with torch.no_grad():
+        for name, mod in mods:
+            w = (mod.rows if hasattr(mod, "rows") else mod).dequantize().to(device)
+            ws = [w.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d])
+                  for d in dense]
+            for m in (1, 8):
+                x = torch.randn(m, w.shape[1], device=device, dtype=dtype)
+                q = _us(lambda: mod(x), cuda)
+                ds = [_us(lambda: F.linear(x.to(wd.dtype), wd), cuda) for wd in ws]
+                kind = getattr(mod, "kernel", None) or "int8 rows"
+                rows.append(f"| {name} | {w.shape[0]} x {w.shape[1]} | {m} | {q:.0f} ({kind}) | "
+                            + " | ".join(f"{d:.0f}" for d in ds) + f" | {ds[0] / q:.2f}x |")
     return rows
+
+
+def _us(fn, cuda: bool) -> float:
+    if cuda:
+        from triton.testing import do_bench
+
+        return 1e3 * do_bench(fn, return_mode="median")
+    fn()
+    best = float("inf")
+    for _ in range(30):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return 1e6 * best
 
 
 def table(results: list[dict]) -> list[str]:
@@ -243,7 +272,7 @@ def table(results: list[dict]) -> list[str]:
     return rows
 
 
-def markdown(results: list[dict], a: argparse.Namespace, cmd: str, gpu: list[str]) -> str:
+def markdown(results: list[dict], a: argparse.Namespace, cmd: str, kernels: list[str]) -> str:
     import torch
     import transformers
 
@@ -265,8 +294,10 @@ def markdown(results: list[dict], a: argparse.Namespace, cmd: str, gpu: list[str
              "(ctx, batch, threads); `weight products ms/step` runs every Linear (and the lm_head) of "
              "the model once on a random `[batch, in]` row, no attention or cache: the weight "
              "kernels' share of a decode step.", "", *table(results), ""]
-    if gpu:
-        lines += ["W4A16 kernel vs dense fp16 (`triton.testing.do_bench`, median):", "", *gpu, ""]
+    if kernels:
+        how = ("`triton.testing.do_bench` median" if a.device == "cuda"
+               else "one thread, fastest of 30 calls")
+        lines += [f"Weight kernels per layer shape (layer 0 and the lm_head; {how}):", "", *kernels, ""]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -302,9 +333,9 @@ def main() -> None:
                     results.append(r)
                     print(json.dumps({k: v for k, v in r.items() if k not in ("base", "checkpoint")}),
                           flush=True)
-    gpu = gpu_kernel_rows(str(a.checkpoint)) if a.device == "cuda" else []
+    kernels = kernel_rows(str(a.checkpoint), a.device) if a.kernels else []
     cmd = "python scripts/bench_cpu.py " + " ".join(sys.argv[1:])
-    section = markdown(results, a, cmd, gpu)
+    section = markdown(results, a, cmd, kernels)
     write_doc(a.doc, section)
     print(section)
 

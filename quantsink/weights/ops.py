@@ -4,8 +4,8 @@
   outlier_idx, outlier_weight, bias, bits, group_size, compute_dtype)``: the checkpoint's own
   tensors. Default (``CompositeExplicitAutograd``, every device): the torch reference of
   :mod:`quantsink.weights.qmatmul`, tile by tile. ``CUDA``: the Triton W4A16 kernel
-  (:mod:`quantsink.kernels.w4a16`, fp16 outlier columns fused) for 4-bit weights with fp16
-  or bf16 activations, the reference otherwise.
+  (:mod:`quantsink.kernels.w4a16`, fp16 outlier columns fused) for 4-bit weights (fp16, bf16
+  or fp32 activations), the reference otherwise.
 - ``quantsink::int4pack_linear(x, packed, scales_zeros, gather_idx, outlier_idx,
   outlier_weight_t, bias, group_size, out_features, pad)``: the converted CPU form of
   :mod:`quantsink.weights.cpu_int4` (``CPU`` only).
@@ -45,7 +45,8 @@ def _quant_linear_ref(x, weight_packed, weight_scale, weight_zero_point, keep_id
 
 def _quant_linear_cuda(x, weight_packed, weight_scale, weight_zero_point, keep_idx, outlier_idx,
                        outlier_weight, bias, bits, group_size, compute_dtype=None):
-    if bits == 4 and compute_dtype is None and x.dtype in (torch.float16, torch.bfloat16):
+    if bits == 4 and compute_dtype is None and x.dtype in (torch.float16, torch.bfloat16,
+                                                            torch.float32):
         from quantsink.kernels.w4a16 import w4a16_linear
 
         return w4a16_linear(x, weight_packed, weight_scale, weight_zero_point, keep_idx,

@@ -28,12 +28,21 @@ def build_report(model: Any, recipe: Any, ppl_before: float | None = None,
         "linear_ratio_vs_fp16": round(packed / fp16, 4) if fp16 else None,
         "linear_ratio_without_outliers": round((packed - outlier_bytes) / fp16, 4) if fp16 else None,
         "outlier_channels_total": sum(m["outliers"] for m in mods),
+        "embeddings": rep.get("embeddings", []),
         "massive_channels": rep.get("massive_channels", []),
         "sink_positions": (sink_map or {}).get("positional"),
         "content_sink_token_ids": (sink_map or {}).get("content_token_ids"),
         "calibration_windows": rep.get("calibration_windows"),
         "ppl_before": ppl_before, "ppl_after": ppl_after, "eval_tokens": eval_tokens,
     }
+
+
+def _embeddings(rows: list[dict]) -> str:
+    if not rows:
+        return "floating point"
+    tied = " (tied: one set of rows)" if any(r["tied"] for r in rows) else ""
+    names = ", ".join(r["name"] for r in rows)
+    return f"int8 rows: {names}{tied}, {_fmt_bytes(sum(r['packed_bytes'] for r in rows))}"
 
 
 def dir_bytes(path: Path) -> int:
@@ -50,6 +59,7 @@ def format_summary(report: dict, out: Path, seconds: float) -> str:
                                       f"({report['linear_ratio_vs_fp16']}x fp16; "
                                       f"{report['linear_ratio_without_outliers']}x without outliers)"),
             ("fp16 outlier channels (all layers)", report["outlier_channels_total"]),
+            ("embedding / lm_head", _embeddings(report.get("embeddings") or [])),
             ("massive-activation channels", report["massive_channels"] or "-"),
             ("sink positions", report["sink_positions"] if report["sink_positions"] is not None
              else "- (no calibration)"),
