@@ -85,6 +85,18 @@ def test_forcing_a_backend_that_cannot_run_is_one_line(monkeypatch) -> None:
             pass
 
 
+def test_a_deep_copy_gets_its_own_plan() -> None:
+    import copy
+
+    layer = make_layer(64, 128, 64, 2, bias=True)
+    x = torch.randn(1, 128)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin._plan is None
+    layer.bias.data.add_(1.0)  # the original changes; the copy must not
+    assert torch.equal(twin(x), y)
+
+
 def test_state_dict_round_trip_rebuilds_the_plan() -> None:
     a, b = make_layer(48, 136, 64, 1, seed=1), make_layer(48, 136, 64, 1, seed=2)
     x = torch.randn(2, 136)

@@ -4,9 +4,9 @@
 :mod:`quantsink.calibration` (sink map, massive activations) when it is available,
 swaps the embedding / lm_head for int8 rows when the recipe asks for it, replaces every
 decoder Linear by a :class:`~quantsink.weights.linear.QuantLinear` layer by layer (their
-forwards run the exact float32 reference meanwhile), rounds the remaining floating-point tensors to fp16 (the precision they are
-exported in, so the exported checkpoint reproduces the in-memory model exactly), and
-records everything in ``model.config.quantization_config``.
+forwards run the exact float32 reference meanwhile), rounds the remaining floating-point
+tensors to fp16 (the precision they are exported in, so the exported checkpoint reproduces
+the in-memory model exactly), and records everything in ``model.config.quantization_config``.
 """
 from __future__ import annotations
 

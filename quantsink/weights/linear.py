@@ -110,6 +110,11 @@ class QuantLinear(nn.Module):
             plan = self._plan
         return plan.eager(x)
 
+    def __getstate__(self) -> dict:
+        # copies and pickles drop the plan: it is derived data, and its callables are bound
+        # to this instance's tensors
+        return {**super().__getstate__(), "_plan": None}
+
     def packed_nbytes(self) -> int:
         """Bytes of everything this layer stores (codes, grids, outliers, shape)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
