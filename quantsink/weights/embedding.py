@@ -48,8 +48,9 @@ class _Rows(nn.Module):
         self.weight_int8.copy_(codes)
         self.weight_scale.copy_(scale)
 
-    def prepare(self) -> None:
-        """Give the CPU kernel a 16-byte-aligned copy of the rows if the loaded ones are not."""
+    def aligned_rows(self) -> None:
+        """Replace unaligned rows (an mmap view) by an aligned copy: the CPU kernel needs one
+        for 4 rows or more (``rows_ops``); done on the first such call, not at load."""
         from quantsink.weights.rows_ops import aligned
 
         w = self.weight_int8
@@ -62,8 +63,10 @@ class _Rows(nn.Module):
 
     def rows_linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [..., H] -> [..., V]`` in ``x.dtype``."""
-        from quantsink.weights.rows_ops import int8_rows_linear
+        from quantsink.weights.rows_ops import INT8_MAX_ROWS, int8_rows_linear
 
+        if 4 <= x.numel() // x.shape[-1] <= INT8_MAX_ROWS and not torch.compiler.is_compiling():
+            self.aligned_rows()
         return int8_rows_linear(x, self.weight_int8, self.weight_scale, self._bf16_host)
 
 

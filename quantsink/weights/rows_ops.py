@@ -2,10 +2,11 @@
 
 - CPU with fast bf16, up to :data:`INT8_MAX_ROWS` rows: ``torch._weight_int8pack_mm`` with bf16
   activations and unit scales (fp32 accumulation, one bf16 rounding), then the fp16 row scale
-  in float32. The aten kernel (torch 2.13) crashes (general protection fault) when x is not
-  32-byte aligned, or, from 4 rows on, the weight is not 16-byte aligned (a safetensors mmap
-  view often is not), or ``H % 16 != 0``. So x is copied when it is not 64-byte aligned, and
-  such weights take the tiled path (``Int8Embedding.prepare`` makes an aligned copy once).
+  in float32. The aten kernel (torch 2.13) faults (general protection fault) when x is not
+  32-byte aligned, or, from 4 rows on (its blocked path), when the weight is not 16-byte
+  aligned (a safetensors mmap view often is not), or ``H % 16 != 0``. So x is copied when it
+  is not 64-byte aligned, and 4..8 rows on an unaligned weight take the tiled path (the
+  module then keeps an aligned copy: ``Int8Embedding.aligned_rows``).
 - More rows on such a CPU: tile by tile over the vocabulary, int8 rows -> bf16 (exact), bf16 GEMM.
 - Anything else (other devices, ``reference`` backend): tile by tile in float32 (exact weights).
 
@@ -54,7 +55,9 @@ def int8_rows_cpu(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torc
     """The CPU implementation (see the module docstring)."""
     h, v = x.shape[-1], weight_int8.shape[0]
     x2 = x.reshape(-1, h)
-    if compute_dtype != torch.bfloat16 or x2.shape[0] > INT8_MAX_ROWS or not aligned(weight_int8):
+    rows = x2.shape[0]
+    if compute_dtype != torch.bfloat16 or rows > INT8_MAX_ROWS or h % 16 or \
+            not weight_int8.is_contiguous() or (rows >= 4 and not aligned(weight_int8)):
         return int8_rows_ref(x, weight_int8, weight_scale, compute_dtype)
     xb = x2.to(torch.bfloat16)
     if not xb.is_contiguous() or xb.data_ptr() % 64:

@@ -112,14 +112,11 @@ def make_shells(model: nn.Module, weights: dict | None) -> None:
 
 
 def prepare_model(model: nn.Module) -> dict[str, int]:
-    """Choose every QuantLinear's kernel now, on its device (and align int8 rows for the CPU
-    kernel); returns ``{kernel: count}``."""
+    """Choose every QuantLinear's kernel now, on its device; returns ``{kernel: count}``."""
     from quantsink.weights.linear import QuantLinear
 
     counts: Counter = Counter()
     for mod in model.modules():
         if isinstance(mod, QuantLinear) and mod.weight_packed.device.type != "meta":
             counts[mod.prepare()] += 1
-        elif isinstance(mod, Int8Embedding) or (isinstance(mod, Int8LMHead) and not mod._tied):
-            mod.prepare()
     return dict(counts)
