@@ -1,6 +1,8 @@
 """Random packed layers for the weight-kernel tests, and the bf16 error bound they are held to."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from quantsink.weights.linear import QuantLinear
@@ -48,3 +50,18 @@ def bf16_bound(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     terms = ((c - 8).abs() + (8 - zp).abs()).double() * s.double()
     b = BF16_U * (2 * xa @ w_abs.T + xa @ terms.T)
     return (1.01 * b + 1e-6).float().reshape(*x.shape[:-1], layer.out_features)
+
+
+def input_absmax(model, ids: torch.Tensor) -> SimpleNamespace:
+    """A stand-in calibration result: every Linear's input absmax on ``ids`` (for RTN recipes)."""
+    stats, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(m, args, name=name):
+                stats[f"act_absmax/{name}"] = args[0].detach().abs().reshape(-1, m.in_features).amax(0)
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return SimpleNamespace(stats=stats, massive=[], sink_map=None)

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
-import torch
+from quant_layers import input_absmax
 
 import quantsink
 from quantsink.weights import backend, cpu_int4
@@ -20,28 +19,13 @@ RECIPE = {"name": "test-w4-e8", "weights": {"algorithm": "rtn", "group_size": 64
 CTX, WINDOWS = 512, 1  # Protocol-style (non-overlapping windows of wiki.test), short
 
 
-def _input_absmax(model, ids: torch.Tensor) -> SimpleNamespace:
-    """A stand-in calibration result: every Linear's input absmax on one window (for RTN)."""
-    stats, hooks = {}, []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            def hook(m, args, name=name):
-                stats[f"act_absmax/{name}"] = args[0].detach().abs().reshape(-1, m.in_features).amax(0)
-            hooks.append(mod.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(ids[None])
-    for h in hooks:
-        h.remove()
-    return SimpleNamespace(stats=stats, massive=[], sink_map=None)
-
-
 @pytest.fixture(scope="module")
 def quantized(smollm, calib_path, test_path):
     from quantsink.data import calibration_windows, eval_tokens
 
     model, tok = smollm
     model = copy.deepcopy(model)
-    cal = _input_absmax(model, calibration_windows(tok, calib_path, 1, 256, seed=0)[0])
+    cal = input_absmax(model, calibration_windows(tok, calib_path, 1, 256, seed=0))
     quantsink.quantize(model, RECIPE, calibration=cal, progress=False)  # outliers from cal
     return model, eval_tokens(tok, test_path, CTX * WINDOWS)
 

@@ -20,7 +20,7 @@ from quantsink.config import Recipe, load_recipe, to_dict
 from quantsink.errors import QuantsinkError, check
 from quantsink.weights.backend import use_backend
 from quantsink.weights.layer import make_group_quantizer, static_groups
-from quantsink.weights.runtime import quantize_embeddings
+from quantsink.weights.runtime import prepare_model, quantize_embeddings
 from quantsink.weights.sequential import quantize_layers
 
 QUANT_VERSION = 1
@@ -142,6 +142,7 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     model.quantsink_calibration = cal
     from quantsink.weights.hf_quantizer import attach_kv_generate
 
+    prepare_model(model)  # the kernels the exported checkpoint will pick on reload
     attach_kv_generate(model)
     return model
 

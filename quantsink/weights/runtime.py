@@ -5,8 +5,9 @@
   / ``weights.lm_head_bits``; a tied pair becomes one set of rows.
 - :func:`make_shells` (``from_pretrained``, before the weights load): the same modules, empty,
   so that the loader fills them from the checkpoint.
-- :func:`prepare_model` (after loading): every packed module picks its kernel now, once, on
-  the device it lives on, instead of on the first forward.
+- :func:`prepare_model` (after loading, and at the end of ``quantize``): every packed module
+  picks its kernel now, once, on the device it lives on, instead of on the first forward, and
+  int4pack siblings that read the same input are merged (:mod:`quantsink.weights.fusion`).
 
 A replaced tied pair is removed from transformers' tied-weights mapping
 (``model.all_tied_weights_keys``): the tie is kept by the modules themselves.
@@ -111,12 +112,17 @@ def make_shells(model: nn.Module, weights: dict | None) -> None:
     _install(model, emb, head, new_emb, new_head)
 
 
-def prepare_model(model: nn.Module) -> dict[str, int]:
-    """Choose every QuantLinear's kernel now, on its device; returns ``{kernel: count}``."""
+def prepare_model(model: nn.Module, fuse: bool = True) -> dict[str, int]:
+    """Choose every QuantLinear's kernel now, on its device, and (``fuse``) merge int4pack
+    siblings that share an input (:mod:`quantsink.weights.fusion`); returns
+    ``{kernel: count}`` (``"fused"``: how many of the int4pack layers were merged)."""
+    from quantsink.weights.fusion import fuse_siblings
     from quantsink.weights.linear import QuantLinear
 
     counts: Counter = Counter()
     for mod in model.modules():
         if isinstance(mod, QuantLinear) and mod.weight_packed.device.type != "meta":
             counts[mod.prepare()] += 1
+    if fuse and counts.get("int4pack"):
+        counts["fused"] = fuse_siblings(model)
     return dict(counts)
