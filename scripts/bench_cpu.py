@@ -113,13 +113,20 @@ def worker(spec: dict) -> dict:
 
 def _linear_ms(model, batch: int, dev) -> float:
     """One decode step of the weight products alone: every Linear of the model (lm_head too)
-    on a random ``[batch, in]`` row; the fastest of 10 passes (ms)."""
+    on a random ``[batch, in]`` row (siblings of one parent with the same input width get the
+    same tensor, as q/k/v and gate/up do); the fastest of 10 passes (ms)."""
     import torch
 
-    mods = [m for m in model.modules()
-            if type(m).__name__ in ("Linear", "QuantLinear", "Int8LMHead")]
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    xs = [torch.randn(batch, m.in_features, device=dev, dtype=dtype) for m in mods]
+    mods, xs, shared = [], [], {}
+    for parent in model.modules():
+        for m in parent.children():
+            if type(m).__name__ in ("Linear", "QuantLinear", "Int8LMHead"):
+                key = (id(parent), m.in_features)
+                if key not in shared:
+                    shared[key] = torch.randn(batch, m.in_features, device=dev, dtype=dtype)
+                mods.append(m)
+                xs.append(shared[key])
     times = []
     with torch.no_grad():
         for _ in range(11):
@@ -212,11 +219,16 @@ def kernel_rows(checkpoint: str, device: str) -> list[str]:
 
     import quantsink  # noqa: F401
 
+    from quantsink.weights.fusion import fuse_siblings
+    from quantsink.weights.runtime import prepare_model
+
     cuda = device == "cuda"
     torch.set_num_threads(1)
     dtype = torch.float16 if cuda else torch.float32
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-    mods = [(n, m) for n, m in model.model.layers[0].named_modules()
+    prepare_model(model, fuse=False)  # each layer alone first
+    layer0 = model.model.layers[0]
+    mods = [(n, m) for n, m in layer0.named_modules()
             if type(m).__name__ == "QuantLinear"] + [("lm_head", model.lm_head)]
     dense = ("fp16",) if cuda else ("fp32", "bf16")
     rows = [f"| layer | out x in | rows | packed us (kernel) | {' | '.join(f'dense {d} us' for d in dense)} "
@@ -233,6 +245,38 @@ def kernel_rows(checkpoint: str, device: str) -> list[str]:
                 kind = getattr(mod, "kernel", None) or "int8 rows"
                 rows.append(f"| {name} | {w.shape[0]} x {w.shape[1]} | {m} | {q:.0f} ({kind}) | "
                             + " | ".join(f"{d:.0f}" for d in ds) + f" | {ds[0] / q:.2f}x |")
+        if not cuda and fuse_siblings(model):
+            rows += _fused_rows(layer0, dense, device, dtype)
+    return rows
+
+
+def _fused_rows(layer0, dense: tuple, device: str, dtype) -> list[str]:
+    """Fused sibling groups of layer 0: all members on one fresh input (a clone per call)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    for names in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  ("mlp.gate_proj", "mlp.up_proj")):
+        mods = [layer0.get_submodule(n) for n in names]
+        if mods[0]._plan is None or mods[0]._plan.int4 is not None:
+            continue  # not fused
+        ws = [torch.cat([m.dequantize() for m in mods]).to(
+            {"fp32": torch.float32, "bf16": torch.bfloat16}[d]) for d in dense]
+        for m in (1, 8):
+            x = torch.randn(m, mods[0].in_features, device=device, dtype=dtype)
+
+            def fused_call(x=x, mods=mods):
+                xc = x.clone()  # a new tensor: no reuse across calls
+                for mod in mods:
+                    mod(xc)
+
+            q = _us(fused_call, False)
+            ds = [_us(lambda wd=wd: F.linear(x.to(wd.dtype), wd), False) for wd in ws]
+            label = " + ".join(n.split(".")[-1] for n in names)
+            rows.append(f"| {label} (fused) | {ws[0].shape[0]} x {ws[0].shape[1]} | {m} | {q:.0f} "
+                        f"(int4pack, one call) | " + " | ".join(f"{d:.0f}" for d in ds)
+                        + f" | {ds[0] / q:.2f}x |")
     return rows
 
 

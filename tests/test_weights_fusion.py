@@ -81,7 +81,8 @@ def test_tiny_llama_fuses_qkv_and_gate_up_only() -> None:
     attn = model.model.layers[0].self_attn
     assert attn.o_proj._plan.int4 is not None and attn.q_proj._plan.int4 is None
     plain = copy.deepcopy(model)
-    prepare_model(plain, fuse=False)
+    assert "fused" not in prepare_model(plain, fuse=False)
+    assert plain.model.layers[0].self_attn.q_proj._plan.int4 is not None  # unfused again
     ids = token_ids(12, batch=2)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)

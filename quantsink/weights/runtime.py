@@ -122,6 +122,8 @@ def prepare_model(model: nn.Module, fuse: bool = True) -> dict[str, int]:
     counts: Counter = Counter()
     for mod in model.modules():
         if isinstance(mod, QuantLinear) and mod.weight_packed.device.type != "meta":
+            if not fuse and mod.kernel == "int4pack" and mod._plan.int4 is None:
+                mod._plan = None  # undo an earlier fusion
             counts[mod.prepare()] += 1
     if fuse and counts.get("int4pack"):
         counts["fused"] = fuse_siblings(model)
