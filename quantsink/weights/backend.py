@@ -126,7 +126,6 @@ def build_plan(layer: Any, device: torch.device, kind: str | None = None) -> Pla
     ops()  # define the torch.ops.quantsink ops (once per process)
     kind = kind or choose(layer, device)
     keep = split_columns(layer.in_features, layer.outlier_idx.cpu()).to(device)
-    tensors = tuple(layer._buffers[n] for n in _KEYED)
     args = (layer.weight_packed, layer.weight_scale, layer.weight_zero_point, keep,
             layer.outlier_idx, layer.outlier_weight, layer.bias, layer.bits, layer.group_size)
     int4 = None
@@ -138,6 +137,13 @@ def build_plan(layer: Any, device: torch.device, kind: str | None = None) -> Pla
     else:  # reference: the op on CUDA would be triton, so call the function there
         eager = functools.partial(_reference, *args)
         traced = eager if device.type == "cuda" else functools.partial(_op, *args)
+    return bound_plan(layer, device, kind, eager, traced, int4)
+
+
+def bound_plan(layer: Any, device: torch.device, kind: str, eager: Callable, traced: Callable,
+               int4: Int4Pack | None = None) -> Plan:
+    """A :class:`Plan` of ``layer`` valid for its current buffers (``eager``/``traced`` given)."""
+    tensors = tuple(layer._buffers[n] for n in _KEYED)
     return Plan(kind, device, _FORCED.get(), tensors, tuple(t._version for t in tensors),
                 layer._parameters.get("bias"), eager, traced, int4)
 

@@ -18,7 +18,6 @@ path. A member whose buffers change rebuilds a plan of its own (its siblings are
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -68,10 +67,12 @@ def _key(m: Any) -> tuple | None:
 
 
 def _member_plan(fused: FusedInt4, m: Any, lo: int) -> backend.Plan:
-    """``m``'s plan, reading the fused output; its own converted tensors are released."""
+    """``m``'s plan, reading the fused output (no converted tensors of its own)."""
+    from quantsink.weights.ops import ops
     from quantsink.weights.qmatmul import quant_linear_ref
 
-    plan, hi = m._plan, lo + m.out_features
+    ops()  # the torch.ops.quantsink ops used by ``traced``
+    hi = lo + m.out_features
     args = (m.weight_packed, m.weight_scale, m.weight_zero_point, _keep(m), m.outlier_idx,
             m.outlier_weight, m.bias, m.bits, m.group_size, torch.bfloat16)  # many rows: tiles
 
@@ -89,25 +90,36 @@ def _member_plan(fused: FusedInt4, m: Any, lo: int) -> backend.Plan:
             return y[..., lo:hi]
         return torch.ops.quantsink.quant_linear(x, *args)
 
-    return dataclasses.replace(plan, eager=eager, traced=traced, int4=None)
+    return backend.bound_plan(m, torch.device("cpu"), "int4pack", eager, traced)
 
 
-def fuse_siblings(model: nn.Module) -> int:
-    """Fuse the int4pack siblings of every module of ``model``; returns the layers fused."""
+def _candidate(m: Any) -> bool:
     from quantsink.weights.linear import QuantLinear
 
+    return (isinstance(m, QuantLinear) and _key(m) is not None
+            and backend.choose(m, m.weight_packed.device) == "int4pack")
+
+
+def fuse_siblings(model: nn.Module, after_each: Any = None) -> int:
+    """Fuse the int4pack siblings of every module of ``model`` (their plans are replaced, no
+    converted tensors of their own are made); returns the number of layers fused.
+
+    ``after_each()`` runs after each fused group (``prepare_model`` frees memory there).
+    """
+    if backend.requested_backend() not in ("auto", "int4pack"):
+        return 0
     fused_layers = 0
     for parent in model.modules():
         groups: dict[tuple, list] = {}
         for child in parent.children():
-            if isinstance(child, QuantLinear) and child.kernel == "int4pack" and _key(child):
+            if _candidate(child):
                 groups.setdefault(_key(child), []).append(child)
-        for members in groups.values():
-            if len(members) < 2:
-                continue
+        for members in (g for g in groups.values() if len(g) > 1):
             fused, lo = FusedInt4(members), 0
             for m in members:
                 m._plan = _member_plan(fused, m, lo)
                 lo += m.out_features
             fused_layers += len(members)
+            if after_each is not None:
+                after_each()
     return fused_layers
