@@ -172,7 +172,10 @@ def _kernels(model) -> str:
 
     c = Counter(getattr(m, "kernel", None) or type(m).__name__ for m in model.modules()
                 if type(m).__name__ in ("QuantLinear", "Int8LMHead"))
-    return ", ".join(f"{k} x{v}" for k, v in sorted(c.items())) or "-"
+    fused = sum(1 for m in model.modules() if type(m).__name__ == "QuantLinear"
+                and m.kernel == "int4pack" and m._plan.int4 is None)
+    text = ", ".join(f"{k} x{v}" for k, v in sorted(c.items()))
+    return (text + (f" ({fused} fused)" if fused else "")) or "-"
 
 
 # -- parent ------------------------------------------------------------------------------
