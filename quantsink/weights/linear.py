@@ -102,8 +102,8 @@ class QuantLinear(nn.Module):
         # x: [..., in] -> [..., out]
         plan = self._plan
         if torch.compiler.is_compiling():  # no validity checks inside a graph
-            if plan is None:
-                plan = _prepare_outside_graph(self, x.device)
+            if plan is None:  # a graph break: the conversion runs eagerly
+                plan = torch.compiler.disable(_prepare_outside_graph)(self, x.device)
             return plan.traced(x)
         if plan is None or not plan.valid(self, x.device):
             self.prepare(x.device)
@@ -124,7 +124,6 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, n_outliers={self.n_outliers}")
 
 
-@torch.compiler.disable
 def _prepare_outside_graph(layer: QuantLinear, device: torch.device) -> Plan:
     """:meth:`QuantLinear.prepare` run eagerly when ``torch.compile`` meets an unprepared layer."""
     layer.prepare(device)
