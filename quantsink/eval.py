@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+from quantsink.hf.forward import cache_kwargs
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def window_nll(model: Any, window: torch.Tensor, cache: Any = None) -> tuple[flo
     if cache is None:
         logits = model(ids, use_cache=False).logits[0, :-1].float()  # [L-1, V]
     else:
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, :-1].float()
+        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
     return nll.item(), ids.shape[1] - 1
 
@@ -61,5 +62,4 @@ def _cache_factory(model: Any, kv: Any, sink_map: Any):
     from quantsink.kv.cache import SinkQuantCache, resolve_kv_config
 
     config = resolve_kv_config(kv)
-    layers = model.config.get_text_config().num_hidden_layers
-    return lambda: SinkQuantCache(config, layers, sink_map=sink_map, backend="torch").attach(model)
+    return lambda: SinkQuantCache.from_recipe(model, config, sink_map=sink_map, backend="torch")

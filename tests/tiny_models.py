@@ -3,14 +3,16 @@
 ``build(name)`` returns an fp32 model in eval mode; ``ARCHS`` lists the supported families,
 ``UNSUPPORTED`` the ones quantsink refuses with one line. Every model has hidden 64, 4 query
 and 2 KV heads, ``initializer_range=0.1`` (so attention is far from uniform) and a sliding
-window of 16 tokens where the family has one (shorter than the 96-token test sequences).
+window of 40 tokens where the family has one (shorter than the 96-token test sequences,
+longer than a 16-token fp16 window plus a 16-token key group, so that sliding layers attend
+to quantized tokens).
 """
 from __future__ import annotations
 
 import torch
 
 VOCAB = 128
-WINDOW = 16
+WINDOW = 40  # sliding window: shorter than the test sequences, longer than a window + group of 16
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -35,7 +37,7 @@ def _configs() -> dict:
                                           num_local_experts=4, num_experts_per_tok=2,
                                           **{**COMMON, "max_position_embeddings": 131072}),
         "cohere": lambda: T.CohereConfig(num_hidden_layers=2, logit_scale=1.0, **COMMON),
-        "granite": lambda: T.GraniteConfig(num_hidden_layers=2, **COMMON),
+        "granite": lambda: T.GraniteConfig(num_hidden_layers=2, attention_multiplier=1 / 16, **COMMON),  # 1/head_dim, as released
         "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
                                      initializer_range=0.1, bos_token_id=1, eos_token_id=2),
         "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
@@ -49,16 +51,19 @@ ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo
 UNSUPPORTED = ("gpt2", "falcon")
 
 
-def build(name: str, seed: int = 0, sink_logits: float = 1.5) -> torch.nn.Module:
+def build(name: str, seed: int = 0, sink_logits: float = 1.5, **overrides: object) -> torch.nn.Module:
     """A tiny random-init ``*ForCausalLM`` of family ``name`` (fp32, eval).
 
     GPT-OSS's learned sink logits are drawn with standard deviation ``sink_logits`` (they
-    start at zero), so that they change the softmax.
+    start at zero), so that they change the softmax. ``overrides`` set config fields.
     """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_configs()[name]()).eval()
+    config = _configs()[name]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config).eval()
     for module in model.modules():
         sinks = getattr(module, "sinks", None)
         if isinstance(sinks, torch.nn.Parameter):
@@ -70,3 +75,10 @@ def build(name: str, seed: int = 0, sink_logits: float = 1.5) -> torch.nn.Module
 def token_ids(length: int = 96, batch: int = 1, seed: int = 1) -> torch.Tensor:
     """Random token ids ``[batch, length]`` that avoid the special ids 0-2."""
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def cache_kwargs(model: torch.nn.Module, cache: object) -> dict:
+    """``{"cache": cache}`` or ``{"past_key_values": cache}``: what this transformers expects."""
+    from quantsink.hf.forward import cache_kwargs as kwargs
+
+    return kwargs(model, cache)

@@ -8,8 +8,8 @@ and looks under both names.
 Attention functions receive neither the cache nor the input ids, so :func:`install_hooks`
 puts a forward pre-hook and a forward hook on the decoder stack (the module that owns the
 decoder layers, so that ``model(...)`` and ``model.model(...)`` are both seen). The pre-hook
-hands the call's ``input_ids`` and 2-D ``attention_mask`` to a cache that wants them
-(``begin_forward``) and publishes it in a context variable for the attention function; the
+hands the decoder stack, the call's ``input_ids`` and 2-D ``attention_mask`` to a cache that
+wants them (``begin_forward``) and publishes it in a context variable for the attention function; the
 forward hook closes the forward (``end_forward``). Hooks are plain module-level functions,
 so a ``copy.deepcopy`` of the model carries them.
 """
@@ -60,6 +60,11 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{"cache": cache}`` or ``{"past_key_values": cache}``, as ``model``'s forward expects."""
+    return {cache_keyword(model): cache}
+
+
 def active_cache() -> Any:
     """The cache (one with ``begin_forward``) of the forward that is running, or None."""
     stack = _STACK.get()
@@ -73,8 +78,8 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = None
     if cache is not None:
         ids = named.get("input_ids")
-        cache.begin_forward(ids if isinstance(ids, torch.Tensor) else None, named.get("attention_mask"),
-                            has_embeds=named.get("inputs_embeds") is not None)
+        cache.begin_forward(module, ids if isinstance(ids, torch.Tensor) else None,
+                            named.get("attention_mask"), has_embeds=named.get("inputs_embeds") is not None)
     _STACK.set(_STACK.get() + (cache,))
 
 

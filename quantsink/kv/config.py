@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from quantsink.errors import check
 
 SUPPORTED_KV_BITS = (2, 4, 8)
+DENSE_DTYPES = ("half", "model")
 
 
 @dataclass
@@ -20,7 +21,8 @@ class KVConfig:
     ``value_symmetric`` stores one scale per value group and no zero (see
     :mod:`quantsink.kv.primitives`); ``key_outliers`` keeps that many fp16 outliers per
     channel and key group (:mod:`quantsink.kv.outliers`); ``rotate`` applies a Hadamard
-    rotation to head_dim.
+    rotation to head_dim. ``dense_dtype``: the sinks and the window are stored in fp16 (bf16
+    for bf16 models) with ``"half"``, or in the model's own dtype with ``"model"``.
     """
 
     key_bits: int = 4
@@ -36,8 +38,11 @@ class KVConfig:
     clip: bool = False
     value_symmetric: bool = False
     key_outliers: int = 0
+    dense_dtype: str = "half"
 
     def __post_init__(self) -> None:
+        check(self.dense_dtype in DENSE_DTYPES,
+              f"kv_cache.dense_dtype={self.dense_dtype!r} is not supported; allowed: {list(DENSE_DTYPES)}")
         for name in ("key_bits", "value_bits"):
             bits = getattr(self, name)
             check(bits in SUPPORTED_KV_BITS,

@@ -4,14 +4,13 @@ Importing this module registers :class:`QuantsinkConfig` and :class:`QuantsinkHf
 Before the weights load, the quantizer swaps the Linear layers listed in
 ``quantization_config["modules"]`` for :class:`~quantsink.weights.linear.QuantLinear`
 shells (on the meta device); the loader then fills their buffers from the safetensors
-shards. After loading, ``model.generate`` is wrapped so that, when the checkpoint has a
-``kv_cache`` section and no ``past_key_values`` / ``cache_implementation`` is given, it
+shards. After loading, a checkpoint with a ``kv_cache`` section gets the default sink cache
+of :func:`quantsink.hf.generate.enable_default_cache`: ``generate`` (and ``pipeline``)
 builds the checkpoint's :class:`~quantsink.kv.cache.SinkQuantCache` with the calibrated
-sink map.
+sink map whenever the call brings no cache and no ``cache_implementation``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from torch import nn
@@ -97,22 +96,12 @@ def build_sink_cache(model: nn.Module) -> Any:
 
 
 def attach_kv_generate(model: nn.Module) -> None:
-    """Wrap ``model.generate`` to build the checkpoint's KV cache when none is given."""
+    """Give ``model.generate`` the checkpoint's sink cache as its default cache (if it has one)."""
+    from quantsink.hf.generate import enable_default_cache
+
     qc = getattr(model.config, "quantization_config", None)
-    if qc is None or not _get(qc, "kv_cache") or getattr(model, "_quantsink_generate", False):
-        return
-    original = model.generate
-
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        wants_cache = kwargs.get("use_cache", True) is not False
-        if wants_cache and kwargs.get("past_key_values") is None \
-                and kwargs.get("cache_implementation") is None:
-            kwargs["past_key_values"] = build_sink_cache(model)
-        return original(*args, **kwargs)
-
-    model.generate = generate
-    model._quantsink_generate = True
+    if qc is not None and _get(qc, "kv_cache"):
+        enable_default_cache(model, build_sink_cache)
 
 
 if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
