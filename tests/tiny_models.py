@@ -63,7 +63,9 @@ def build(name: str, seed: int = 0, sink_logits: float = 1.5, **overrides: objec
     config = _configs()[name]()
     for key, value in overrides.items():
         setattr(config, key, value)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    # Gemma 2's softcap needs eager attention (transformers 5.17's default sdpa silently drops it)
+    impl = {"attn_implementation": "eager"} if name == "gemma2" else {}
+    model = AutoModelForCausalLM.from_config(config, **impl).eval()
     for module in model.modules():
         sinks = getattr(module, "sinks", None)
         if isinstance(sinks, torch.nn.Parameter):

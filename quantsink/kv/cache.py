@@ -193,9 +193,12 @@ class SinkQuantCache(Cache):
         G = self.config.key_group_size
         done = torch.searchsorted(step.evict_time, step.q_pos, right=True)  # evictions at <= t
         shift = step.evicted_before + G * done
-        if not bool((shift > 0).any()):
+        moved = shift > 0
+        if not bool(moved.any()):
             return None
-        return self._rope[layer_idx](q, shift.to(q.device))
+        q_sink = q.clone()  # queries before the first eviction keep their exact values
+        q_sink[:, :, moved] = self._rope[layer_idx](q[:, :, moved], shift[moved].to(q.device))
+        return q_sink
 
     def _key_mask(self, layer: SinkQuantLayer) -> torch.Tensor | None:
         if self.tokens.padding is None:

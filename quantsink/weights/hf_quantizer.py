@@ -101,7 +101,12 @@ def attach_kv_generate(model: nn.Module) -> None:
 
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None and _get(qc, "kv_cache"):
-        enable_default_cache(model, build_sink_cache)
+        enable_default_cache(model, default_cache)
+
+
+def default_cache(model: nn.Module) -> Any:
+    """The cache ``generate`` builds for a quantsink model (looked up at call time)."""
+    return build_sink_cache(model)
 
 
 if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
