@@ -84,3 +84,25 @@ def cache_kwargs(model: torch.nn.Module, cache: object) -> dict:
     from quantsink.hf.forward import cache_kwargs as kwargs
 
     return kwargs(model, cache)
+
+
+def char_tokenizer():
+    """A character-level tokenizer whose ids fit the tiny models' vocabulary (< 128)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def save(name: str, path, **build_kwargs: object):
+    """Save a tiny model of family ``name`` with :func:`char_tokenizer` into ``path``; returns it."""
+    model = build(name, **build_kwargs)
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return model

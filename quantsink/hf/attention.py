@@ -109,16 +109,23 @@ def base_implementation(model: nn.Module) -> str:
     return current[len(PREFIX):] if current.startswith(PREFIX) else current
 
 
+def _refuse(model: nn.Module) -> QuantsinkError:
+    return QuantsinkError(f"{type(model).__name__} does not route its attention through transformers' "
+                          f"AttentionInterface, so quantsink cannot run it; supported: {SUPPORTED_FAMILIES}")
+
+
 def set_checked(model: nn.Module, name: str) -> None:
     """``model.set_attn_implementation(name)``, then verify every attention module follows it."""
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        raise _refuse(model)
     model.set_attn_implementation(name)
     configs = {id(m.config): m.config for m in model.modules()
                if hasattr(m, "layer_idx") and hasattr(getattr(m, "config", None), "_attn_implementation")}
     took = text_config(model)._attn_implementation == name and all(
         c._attn_implementation == name for c in configs.values())
     if not took:
-        raise QuantsinkError(f"{type(model).__name__} does not route its attention through transformers' "
-                             f"AttentionInterface, so quantsink cannot run it; supported: {SUPPORTED_FAMILIES}")
+        raise _refuse(model)
 
 
 def switch(model: nn.Module) -> None:
