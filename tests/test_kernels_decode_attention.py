@@ -177,7 +177,7 @@ def test_dispatch(monkeypatch):
     assert calls == [1] and (out.float() - decode_attention_ref(*args).float()).abs().max() <= 2e-3
     assert attention.resolve_backend("torch", torch.device("cpu")) == "torch"
     monkeypatch.delenv("QUANTSINK_BACKEND")
-    assert attention.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert attention.resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")  # C++ kernel if it builds
     with pytest.raises(QuantsinkError, match="allowed"):
         attention.resolve_backend("cuda", torch.device("cpu"))
 

@@ -19,7 +19,7 @@ import torch
 from quantsink.errors import check
 from quantsink.kv.primitives import PackedBlock, dequantize
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 def decode_attention_ref(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor,
@@ -93,28 +93,41 @@ def softmax_with_sinks(scores: torch.Tensor, sink_logits: torch.Tensor | None, H
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Pick ``torch`` or ``triton``.
+    """Pick ``torch`` (the reference), ``cpu`` (the C++ kernel) or ``triton``.
 
     ``auto`` follows ``QUANTSINK_BACKEND`` when set, else triton on CUDA (if triton is
-    installed) and torch elsewhere. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``
-    set before triton is imported (the kernel then runs in the Triton interpreter).
+    installed), the C++ kernel on the CPU (if it compiles; see
+    :mod:`quantsink.kernels.cpu_decode`) and the reference elsewhere. ``triton`` on CPU tensors
+    needs ``TRITON_INTERPRET=1`` set before triton is imported (the kernel then runs in the
+    Triton interpreter).
     """
     check(backend in BACKENDS, f"attention backend {backend!r} is not supported; allowed: {list(BACKENDS)}")
     if backend == "auto":
         backend = os.environ.get("QUANTSINK_BACKEND", "auto")
         check(backend in BACKENDS,
               f"QUANTSINK_BACKEND={backend!r} is not supported; allowed: {list(BACKENDS)}")
-    if backend == "auto":
-        on_gpu = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        return "triton" if on_gpu else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    if device.type == "cpu":
+        from quantsink.kernels.cpu_decode import available
+
+        return "cpu" if available() else "torch"
+    return "torch"
 
 
 def decode_attention(*args, backend: str = "auto", **kwargs) -> torch.Tensor:
-    """Dispatch to the Triton kernel or to :func:`decode_attention_ref` (same signature)."""
+    """Dispatch to the Triton kernel, the C++ CPU kernel or :func:`decode_attention_ref`
+    (same signature and result)."""
     q = args[0] if args else kwargs["q"]
-    if resolve_backend(backend, q.device) == "triton":
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "triton":
         from quantsink.kernels.decode_attention import sink_decode_attention
 
         return sink_decode_attention(*args, **kwargs)
+    if chosen == "cpu" and q.shape[2] == 1 and q.dtype != torch.float64:  # fp32 arithmetic kernel
+        from quantsink.kernels.cpu_decode import sink_decode_cpu
+
+        return sink_decode_cpu(*args, **kwargs)
     return decode_attention_ref(*args, **kwargs)
