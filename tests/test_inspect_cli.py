@@ -64,7 +64,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "seq len 1": (["--calib-seq-len", "1"], "--calib-seq-len must be >= 2, got 1"),
         "empty calib": (["--calib", str(tmp_path / "empty.txt")], "is empty; allowed"),
         "short calib": (["--calib", str(tmp_path / "short.txt")], "shorter than one window of 512; allowed"),
-        "missing calib": (["--calib", str(tmp_path / "nope.txt")], "not a readable file; allowed"),
+        "missing calib": (["--calib", str(tmp_path / "nope.txt")], "does not exist; allowed"),
     }
 
 

@@ -18,23 +18,33 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from quantsink._fs import staged_dir
+from quantsink._fs import check_target, staged_dir
 from quantsink.errors import QuantsinkError, check
 
 SHARD_BYTES = 64 * 2**20
 
 
 def check_out_dir(out: str | Path, force: bool) -> Path:
-    """Validate the output path before any work: not a file; not an existing dir unless ``force``."""
+    """Validate the output path before any work: not a file; not an existing dir unless ``force``,
+    and with ``force`` only a previous quantsink checkpoint (never the working directory)."""
     out = Path(out)
+    check_target(out)
     check(not (out.exists() and not out.is_dir()),
           f"--out {str(out)!r} is an existing file; allowed: a new directory, or an existing "
           "directory with --force")
     check(not out.exists() or force, f"--out {str(out)!r} already exists; allowed: a new directory, "
                                      "or --force to replace it")
+    check(not out.exists() or not any(out.iterdir()) or _is_checkpoint(out),
+          f"--out {str(out)!r} is not a quantsink checkpoint, so --force will not replace it; allowed: "
+          "a new directory, an empty one, or a previous `quantsink quantize` output")
     check(out.parent.exists() if str(out.parent) else True,
           f"the parent directory of --out {str(out)!r} does not exist; allowed: an existing parent")
     return out
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A directory written by ``quantsink quantize`` (its report file is the marker)."""
+    return (path / "quantsink_report.json").is_file()
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
