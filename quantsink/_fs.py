@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from quantsink.errors import check
+from quantsink.errors import QuantsinkError, check
 
 
 def default_permissions(path: Path, mode: int) -> None:
@@ -69,17 +69,27 @@ def staged_dir(out: Path) -> Iterator[Path]:
     is removed and ``out`` is left as it was.
     """
     out = check_target(Path(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     try:
         yield tmp
         default_permissions(tmp, 0o777)
         for f in tmp.iterdir():
             default_permissions(f, 0o777 if f.is_dir() else 0o666)
         _swap(tmp, out)
+    except OSError as exc:  # full disk, read-only target, ...
+        raise _write_error(out, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_error(out: Path, exc: OSError) -> QuantsinkError:
+    return QuantsinkError(f"writing {str(out)!r} failed ({exc.strerror or type(exc).__name__}); nothing was "
+                          "written; allowed: a writable location with enough free space")
 
 
 def _swap(tmp: Path, out: Path) -> None:

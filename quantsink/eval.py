@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from quantsink.errors import check
 from quantsink.hf.forward import cache_kwargs
 
 
@@ -42,9 +44,10 @@ def perplexity(model: Any, tokens: torch.Tensor, ctx: int = 2048, progress: bool
     model's own fp cache is used and ``kv_avg_bits`` is the bit width of the model dtype.
     A trailing partial window shorter than ``ctx`` is dropped.
     """
+    check(ctx >= 2, f"the evaluation window must be >= 2 tokens, got {ctx}")
     n_windows = tokens.numel() // ctx
-    if n_windows == 0:
-        raise ValueError(f"need at least {ctx} tokens for one window, got {tokens.numel()}")
+    check(n_windows > 0, f"need at least {ctx} tokens for one evaluation window, got {tokens.numel()}; "
+                         "allowed: a longer text or a shorter window")
     make_cache = _cache_factory(model, kv, sink_map)
     total, count, bits = 0.0, 0, []
     for i in tqdm(range(n_windows), desc=desc, disable=not progress, leave=False):
@@ -52,6 +55,8 @@ def perplexity(model: Any, tokens: torch.Tensor, ctx: int = 2048, progress: bool
         nll, n = window_nll(model, tokens[i * ctx:(i + 1) * ctx], cache)
         total, count = total + nll, count + n
         bits.append(cache.avg_bits() if cache is not None else 8.0 * model.dtype.itemsize)
+    check(math.isfinite(total), f"the model's loss is not finite ({total}) on these {n_windows * ctx} tokens: "
+                                "its weights or activations hold NaN/Inf; allowed: a model with finite outputs")
     return {"ppl": math.exp(total / count), "tokens": n_windows * ctx,
             "kv_avg_bits": sum(bits) / len(bits)}
 

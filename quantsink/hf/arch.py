@@ -89,6 +89,19 @@ def learned_sinks(attention: nn.Module) -> torch.Tensor | None:
     return sinks if isinstance(sinks, torch.Tensor) else None
 
 
+def head_dim(model: nn.Module) -> int:
+    """The attention head size of the decoder."""
+    cfg = text_config(model)
+    dim = getattr(cfg, "head_dim", None)
+    return int(dim) if dim else int(cfg.hidden_size // cfg.num_attention_heads)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's maximum number of positions, when its config says."""
+    n = getattr(text_config(model), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def layer_types(model: nn.Module) -> list[str]:
     """``full_attention`` / ``sliding_attention`` per decoder layer (one line for anything else)."""
     cfg = text_config(model)

@@ -75,6 +75,7 @@ class SinkQuantCache(Cache):
         name = type(model).__name__
         check(len(specs) == len(self.layers), f"this SinkQuantCache has {len(self.layers)} layers but {name} has "
                                               f"{len(specs)}; allowed: SinkQuantCache.from_recipe(model, recipe)")
+        self._check_shapes(model)
         stack = arch.decoder_stack(model)
         check(self._stack is None or self._stack() is stack or not self.is_initialized,
               "this SinkQuantCache already holds another model's tokens; allowed: a new cache per model")
@@ -90,6 +91,19 @@ class SinkQuantCache(Cache):
 
             self._rope = {s.layer: RopeShift(model, s.layer) for s in specs if s.kind == "full"}
         return self
+
+    def _check_shapes(self, model: Any) -> None:
+        """Recipe values that depend on the model: head_dim, context length."""
+        cfg, name, dim = self.config, type(model).__name__, arch.head_dim(model)
+        check(dim % cfg.value_group_size == 0,
+              f"kv_cache.value_group_size={cfg.value_group_size} does not divide {name}'s head_dim {dim}; "
+              f"allowed: a divisor of {dim}")
+        check(not cfg.rotate or dim & (dim - 1) == 0,
+              f"kv_cache.rotate needs a power-of-two head_dim, {name} has {dim}; allowed: rotate: false")
+        context = arch.context_length(model)
+        check(context is None or max(self.tokens.positional, default=0) < context,
+              f"sink positions up to {max(self.tokens.positional, default=0)} do not fit {name}'s context of "
+              f"{context}; allowed: num_sinks < {context}")
 
     # -- forward protocol (called by quantsink.hf.forward's hooks) -------------------------
     def begin_forward(self, stack: Any, input_ids: torch.Tensor | None, attention_mask: Any,
