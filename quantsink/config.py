@@ -134,7 +134,9 @@ def load_recipe(spec: "str | Path | Recipe | Mapping[str, Any]") -> Recipe:
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
-        raise QuantsinkError(f"{where}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+        detail = " ".join(str(exc).replace('in "<unicode string>", ', "").split())[:160]
+        raise QuantsinkError(f"{where}: not valid YAML ({detail}); allowed: a YAML mapping with unique keys "
+                             "(see the shipped recipes)") from None
     check(isinstance(data, dict), f"{where}: a recipe must be a YAML mapping")
     return _with_sections(Recipe.from_dict(data, where), where)
 

@@ -9,7 +9,7 @@ import argparse
 import os
 import time
 
-from quantsink.cli.common import add_calib_args, add_model_arg
+from quantsink.cli.common import add_calib_args, add_model_arg, check_calib_args, check_source
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from quantsink.weights.summary import build_report, format_summary
 
     check_out_dir(args.out, args.force)  # before any heavy work
+    check_calib_args(args)
+    check(args.eval_ctx >= 2, f"--eval-ctx must be >= 2, got {args.eval_ctx}")
+    if args.eval:
+        check_source(args.eval, "--eval")
     recipe = load_recipe(args.recipe)
     check(not needs_calibration(recipe) or args.calib or args.calibration,
           f"recipe {recipe.name!r} needs calibration data; allowed: --calib PATH (a text file or "

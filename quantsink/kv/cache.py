@@ -243,5 +243,6 @@ def resolve_kv_config(recipe: Any) -> KVConfig:
     if isinstance(recipe, Mapping) and "kv_cache" not in recipe and "name" not in recipe:
         return from_dict(KVConfig, recipe, "kv_cache")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    check(rec.kv_cache is not None, f"recipe {rec.name!r} has no kv_cache section")
+    check(rec.kv_cache is not None, f"recipe {rec.name!r} has no kv_cache section; allowed: a recipe with one "
+                                    "(e.g. kv-int4-sink, kv-int2-sink)")
     return rec.kv_cache
