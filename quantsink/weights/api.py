@@ -119,7 +119,7 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     from quantsink.weights.compressed_tensors import (COMPRESSED_TENSORS, group_quantizer,
                                                       plan_group_sizes, recipe_for_format)
 
-    recipe = recipe_for_format(load_recipe(recipe), format, drop_outliers)
+    recipe = recipe_for_format(load_recipe(recipe), format, drop_outliers, group_fallback)
     check(not getattr(model, "quantsink_report", None), "this model is already quantized")
     plan = None
     if format == COMPRESSED_TENSORS:

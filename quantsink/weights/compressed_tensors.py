@@ -44,7 +44,8 @@ def check_format(format: str) -> str:
     return format
 
 
-def recipe_for_format(recipe: Any, format: str, drop_outliers: bool = False) -> Any:
+def recipe_for_format(recipe: Any, format: str, drop_outliers: bool = False,
+                      group_fallback: bool = False) -> Any:
     """The recipe ``quantize`` runs to produce ``format`` (checked before any heavy work).
 
     compressed-tensors stores no fp16 outlier input channels, so a recipe asking for them is
@@ -52,8 +53,9 @@ def recipe_for_format(recipe: Any, format: str, drop_outliers: bool = False) -> 
     """
     check_format(format)
     if format == QUANTSINK:
-        check(not drop_outliers, "drop_outliers (--drop-outliers) only applies to the "
-                                 f"{COMPRESSED_TENSORS!r} format; allowed: --format {COMPRESSED_TENSORS}")
+        for flag, name in ((drop_outliers, "drop-outliers"), (group_fallback, "group-fallback")):
+            check(not flag, f"--{name} ({name.replace('-', '_')}=True) only applies to the "
+                            f"{COMPRESSED_TENSORS!r} format; allowed: --format {COMPRESSED_TENSORS}")
         return recipe
     w = recipe.weights
     check(w is not None, f"recipe {recipe.name!r} has no weights section, and --format "

@@ -9,7 +9,8 @@ preceding norm, which then travels as an ordinary tensor of the model) before qu
 for the tensors):
 
 - ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``: packed Linear
-  layers and every other tensor in fp16 (tied weights once), as in the native export;
+  layers (``weight_scale`` in float32, the checkpoint dtype, with fp16 values) and every other
+  tensor in fp16 (lossless: ``quantize`` rounded them; tied weights once), as the native export;
 - ``config.json``: the model config with compressed-tensors' ``quantization_config``
   (``dtype: float32``, so transformers reloads the exact fp32 model quantsink evaluated);
 - ``quantsink.json``: recipe, KV-cache section and sink map (transformers and vLLM never
@@ -69,11 +70,16 @@ class Grid:
         return dequantize_codes(self.codes, self.scale.float(), self.zero.float(), self.group_size)
 
 
-def pack_grid(grid: Grid) -> dict[str, torch.Tensor]:
-    """The tensors one Linear stores (local names), exactly as compressed-tensors packs them."""
+def pack_grid(grid: Grid, scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The tensors one Linear stores (local names), exactly as compressed-tensors packs them.
+
+    ``weight_scale`` is stored in the checkpoint's dtype (compressed-tensors keeps scales in
+    the model dtype; readers that dequantize in the scale's dtype stay exact); its values are
+    on the fp16 grid, so vLLM's cast to fp16 is exact too.
+    """
     out, n = grid.codes.shape
     tensors = {"weight_packed": pack_codes(grid.codes, grid.bits),  # [out, n*bits/32] int32
-               "weight_scale": grid.scale.half().contiguous(),  # [out, n/g]
+               "weight_scale": grid.scale.to(scale_dtype).contiguous(),  # [out, n/g]
                "weight_shape": torch.tensor([out, n], dtype=torch.int64)}
     if not grid.symmetric:  # packed along the output dim: [ceil(out*bits/32), n/g] int32
         tensors["weight_zero_point"] = pack_codes(grid.zero.T.to(torch.uint8), grid.bits).T.contiguous()
