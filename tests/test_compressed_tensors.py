@@ -273,3 +273,24 @@ def test_export_refuses_a_model_with_outliers_and_writes_nothing(tmp_path: Path)
     with pytest.raises(QuantsinkError, match="fp16 outlier input channels"):
         export(model, None, tmp_path / "out", format=CT)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.model
+def test_smollm2_round_trip_through_transformers(smollm, tmp_path: Path) -> None:
+    """The real model: 576-wide layers take groups of 64, down_proj 128; tied embedding stored once."""
+    pytest.importorskip("compressed_tensors")
+    import copy
+
+    model, tok = copy.deepcopy(smollm[0]), smollm[1]
+    recipe = {"name": "smol-ct-rtn", "weights": {"algorithm": "rtn", "group_size": 128, "symmetric": True,
+                                                 "outlier_channels": 0, "clip_search": False}}
+    quantsink.quantize(model, recipe, progress=False, format=CT, group_fallback=True)
+    out = export(model, tok, tmp_path / "ct", format=CT)
+    qc = _qconfig(out)
+    assert qc["ignore"] == ["lm_head"] and "lm_head.weight" not in _tensors(out)
+    assert [g["weights"]["group_size"] for g in qc["config_groups"].values()] == [128, 64]
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    (logits,) = read_without_quantsink([(out, False)], ids, tmp_path)
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert (logits - ref).abs().max().item() <= 1e-3
