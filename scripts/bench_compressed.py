@@ -90,6 +90,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.rows = args, []
         self.work = Path(args.work or tempfile.mkdtemp(prefix="bench-ct-"))
+        self.work.mkdir(parents=True, exist_ok=True)
         self.base, self.tok = quantsink.load_model(args.model)
         self.ids = eval_tokens(self.tok, args.eval, args.tokens)
         self.windows = calibration_windows(self.tok, args.calib, args.calib_samples,

@@ -19,6 +19,14 @@ for the tensors):
 
 Staged in a temporary sibling directory and renamed into place; no timestamps, so the same
 model gives byte-identical files.
+
+Where an AWQ-style scale search plugs in: inside the sequential loop, per input group (q/k/v
+after ``input_layernorm``, gate/up after ``post_attention_layernorm``, o after v, down after up),
+scale the group's weight columns by ``s``, fold ``1/s`` into the preceding op (rounded to fp16
+at once, since that is what gets exported and what the next layers must see), give GPTQ the
+rescaled Hessian ``diag(1/s) H diag(1/s)``, then quantize as now. The result is still a
+``QuantLinear`` without outliers (so a :class:`Grid`) plus modified ordinary tensors, which
+this writer already stores: nothing here changes.
 """
 from __future__ import annotations
 
