@@ -266,6 +266,12 @@ def test_bad_format_requests_are_one_line(kwargs: dict, needle: str) -> None:
         assert "weights.group_size 64 or 32" in str(err.value) and "--group-fallback" in str(err.value)
 
 
+def test_native_export_refuses_fallback_groups(mixed, tmp_path: Path) -> None:
+    with pytest.raises(QuantsinkError, match="stores one group size"):
+        export(mixed[0], None, tmp_path / "native")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_refuses_a_model_with_outliers_and_writes_nothing(tmp_path: Path) -> None:
     model = tm.build("llama", hidden_size=128, head_dim=32, intermediate_size=256)
     quantsink.quantize(model, _recipe(True, "rtn", outliers=8), calib=tm.token_ids(32, batch=2),

@@ -190,3 +190,15 @@ def quantization_config(layers: dict[str, tuple[int, int, bool]], ignore: list[s
             "moe_sparsity_config": None, "quant_method": COMPRESSED_TENSORS,
             "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
             "version": CT_VERSION}
+
+
+def check_single_group_size(model: nn.Module, group_size: int) -> None:
+    """One-line error if a ``QuantLinear`` uses another group size than the recipe's (a model
+    quantized with ``group_fallback``): the native format records one group size only."""
+    from quantsink.weights.linear import QuantLinear
+
+    for name, m in model.named_modules():
+        check(not isinstance(m, QuantLinear) or m.group_size == group_size,
+              f"{name} uses groups of {getattr(m, 'group_size', 0)}, the recipe {group_size} (quantized "
+              f"with group_fallback); the {QUANTSINK} format stores one group size; allowed: "
+              f"format={COMPRESSED_TENSORS!r}")

@@ -104,12 +104,17 @@ def export(model: Any, tokenizer: Any, out: str | Path, recipe: Any = None,
     Refuses an existing ``out`` unless ``force``; returns the final directory.
     """
     # --- checkpoint format (compressed-tensors: issue #12) ---
-    from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS, check_format
+    from quantsink.weights.compressed_tensors import (COMPRESSED_TENSORS, check_format,
+                                                      check_single_group_size)
 
     if check_format(format) == COMPRESSED_TENSORS:
         from quantsink.weights.ct_export import export_compressed
 
         return export_compressed(model, tokenizer, out, report, force, max_shard_bytes)
+    qc = getattr(model.config, "quantization_config", None)
+    weights = (qc.to_dict() if hasattr(qc, "to_dict") else (qc or {})).get("weights") or {}
+    if weights:
+        check_single_group_size(model, int(weights["group_size"]))
     # --- end checkpoint format ---
     out = check_out_dir(out, force)
     try:
