@@ -102,16 +102,29 @@ def _quant_config(recipe: Recipe, cal: Any, modules: list[str]) -> Any:
 
 def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None,
              tokenizer: Any = None, progress: bool = True, *, samples: int | None = None,
-             seq_len: int | None = None, seed: int | None = None) -> Any:
+             seq_len: int | None = None, seed: int | None = None, format: str = "quantsink",
+             drop_outliers: bool = False, group_fallback: bool = False) -> Any:
     """Quantize ``model`` in place following ``recipe`` and return it.
 
     ``calib``: a LongTensor ``[N, L]`` of windows, or a text path / dataset name (needs
     ``tokenizer``); ``calibration``: a ``CalibrationResult`` or a directory saved from one.
     ``samples``/``seq_len``/``seed`` override the recipe's calibration section.
+    ``format``: the checkpoint format the result is meant for, ``"quantsink"`` or
+    ``"compressed-tensors"`` (pure int grids: no fp16 outlier channels, which the recipe may only
+    ask for with ``drop_outliers``; whole groups, or ``group_fallback`` for layers the recipe's
+    group size does not divide; see :mod:`quantsink.weights.compressed_tensors`).
     The per-module report is left in ``model.quantsink_report``.
     """
-    recipe = load_recipe(recipe)
+    # --- checkpoint format (compressed-tensors: issue #12) ---
+    from quantsink.weights.compressed_tensors import (COMPRESSED_TENSORS, group_quantizer,
+                                                      plan_group_sizes, recipe_for_format)
+
+    recipe = recipe_for_format(load_recipe(recipe), format, drop_outliers, group_fallback)
     check(not getattr(model, "quantsink_report", None), "this model is already quantized")
+    plan = None
+    if format == COMPRESSED_TENSORS:
+        plan = plan_group_sizes(model, recipe.weights, group_fallback)
+    # --- end checkpoint format ---
     windows = _windows(calib, tokenizer, recipe, samples, seq_len, seed)
     cal = _calibration(model, tokenizer, windows, calibration, progress)
     wcfg = recipe.weights
@@ -124,7 +137,10 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     reports: list[dict] = []
     if wcfg is not None:
         forced = massive_channels(cal, limit=wcfg.outlier_channels // 4)
-        group_q = make_group_quantizer(wcfg, forced, _hidden_size(model))
+        if plan is None:
+            group_q = make_group_quantizer(wcfg, forced, _hidden_size(model))
+        else:  # compressed-tensors: per-layer group sizes, no outliers
+            group_q = group_quantizer(wcfg, plan, _hidden_size(model))
         static = static_groups(cal) if windows is None else None
         reports = quantize_layers(model, windows, group_q, static_stats=static,
                                   hessian=wcfg.algorithm == "gptq", progress=progress)

@@ -102,13 +102,30 @@ def _write_config(model: Any, folder: Path) -> None:
 
 
 def export(model: Any, tokenizer: Any, out: str | Path, recipe: Any = None,
-           report: dict | None = None, force: bool = False, max_shard_bytes: int = SHARD_BYTES) -> Path:
+           report: dict | None = None, force: bool = False, max_shard_bytes: int = SHARD_BYTES,
+           format: str = "quantsink") -> Path:
     """Write ``model`` (quantized by :func:`quantsink.quantize`) and ``tokenizer`` to ``out``.
 
     ``report`` (JSON-serialisable) is written as ``quantsink_report.json``. ``recipe`` is
     accepted for symmetry with ``quantize`` (the recipe already lives in the model config).
+    ``format="compressed-tensors"`` writes a pack-quantized checkpoint that transformers and
+    vLLM load without quantsink (:mod:`quantsink.weights.ct_export`; the model must have been
+    quantized with ``format="compressed-tensors"``).
     Refuses an existing ``out`` unless ``force``; returns the final directory.
     """
+    # --- checkpoint format (compressed-tensors: issue #12) ---
+    from quantsink.weights.compressed_tensors import (COMPRESSED_TENSORS, check_format,
+                                                      check_single_group_size)
+
+    if check_format(format) == COMPRESSED_TENSORS:
+        from quantsink.weights.ct_export import export_compressed
+
+        return export_compressed(model, tokenizer, out, report, force, max_shard_bytes)
+    qc = getattr(model.config, "quantization_config", None)
+    weights = (qc.to_dict() if hasattr(qc, "to_dict") else (qc or {})).get("weights") or {}
+    if weights:
+        check_single_group_size(model, int(weights["group_size"]))
+    # --- end checkpoint format ---
     out = check_out_dir(out, force)
     try:
         with staged_dir(out) as tmp:
