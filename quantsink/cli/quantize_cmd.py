@@ -69,12 +69,12 @@ def run(args: argparse.Namespace) -> int:
     from quantsink.weights.summary import build_report, format_summary
 
     check_out_dir(args.out, args.force)  # before any heavy work
+    recipe = recipe_for_format(load_recipe(args.recipe), args.format, args.drop_outliers,
+                               args.group_fallback)
     check_calib_args(args)
     check(args.eval_ctx >= 2, f"--eval-ctx must be >= 2, got {args.eval_ctx}")
     if args.eval:
         check_source(args.eval, "--eval")
-    recipe = recipe_for_format(load_recipe(args.recipe), args.format, args.drop_outliers,
-                               args.group_fallback)
     check(not needs_calibration(recipe) or args.calib or args.calibration,
           f"recipe {recipe.name!r} needs calibration data; allowed: --calib PATH (a text file or "
           "dataset name) or --calibration ARTIFACT")
