@@ -1,7 +1,8 @@
 """Tiny random-init decoders of every supported family (no downloads), for the matrix tests.
 
 ``build(name)`` returns an fp32 model in eval mode; ``ARCHS`` lists the supported families,
-``UNSUPPORTED`` the ones quantsink refuses with one line. Every model has hidden 64, 4 query
+``UNSUPPORTED`` the ones quantsink refuses with one line, ``MOE_EXTRA`` two more MoE families
+(Qwen3-MoE, Mixtral: concatenated gate/up experts stored ``[E, out, in]``). Every model has hidden 64, 4 query
 and 2 KV heads, ``initializer_range=0.1`` (so attention is far from uniform) and a sliding
 window of 16 tokens where the family has one (shorter than the 96-token test sequences).
 """
@@ -34,6 +35,11 @@ def _configs() -> dict:
         "gpt_oss": lambda: T.GptOssConfig(num_hidden_layers=2, head_dim=16, sliding_window=WINDOW,
                                           num_local_experts=4, num_experts_per_tok=2,
                                           **{**COMMON, "max_position_embeddings": 131072}),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(num_hidden_layers=2, head_dim=16, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=64,
+                                              decoder_sparse_step=1, **COMMON),
+        "mixtral": lambda: T.MixtralConfig(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                           **COMMON),
         "cohere": lambda: T.CohereConfig(num_hidden_layers=2, logit_scale=1.0, **COMMON),
         "granite": lambda: T.GraniteConfig(num_hidden_layers=2, **COMMON),
         "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
@@ -47,6 +53,7 @@ def _configs() -> dict:
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt_oss",
          "cohere", "granite")
 UNSUPPORTED = ("gpt2", "falcon")
+MOE_EXTRA = ("qwen3_moe", "mixtral")  # more experts layouts (concatenated gate/up, [E, out, in])
 
 
 def build(name: str, seed: int = 0, sink_logits: float = 1.5) -> torch.nn.Module:

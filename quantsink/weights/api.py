@@ -17,6 +17,8 @@ from torch import nn
 
 from quantsink.config import Recipe, load_recipe, to_dict
 from quantsink.errors import QuantsinkError, check
+from quantsink.weights.coverage import float_report
+from quantsink.weights.experts_quant import make_experts_quantizer
 from quantsink.weights.layer import make_group_quantizer, static_groups
 from quantsink.weights.sequential import quantize_layers
 
@@ -125,13 +127,17 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     if wcfg is not None:
         forced = massive_channels(cal, limit=wcfg.outlier_channels // 4)
         group_q = make_group_quantizer(wcfg, forced, _hidden_size(model))
+        experts_q = make_experts_quantizer(wcfg, forced, _hidden_size(model))
         static = static_groups(cal) if windows is None else None
         reports = quantize_layers(model, windows, group_q, static_stats=static,
-                                  hessian=wcfg.algorithm == "gptq", progress=progress)
+                                  hessian=wcfg.algorithm == "gptq", progress=progress,
+                                  quantize_experts=experts_q)
     round_float_tensors_to_fp16(model)
-    model.config.quantization_config = _quant_config(recipe, cal, [r["name"] for r in reports])
+    modules = list(dict.fromkeys(r.get("module", r["name"]) for r in reports))  # experts: once
+    model.config.quantization_config = _quant_config(recipe, cal, modules)
     model.quantsink_report = {"modules": reports, "massive_channels": massive_channels(cal, 8),
-                              "calibration_windows": None if windows is None else list(windows.shape)}
+                              "calibration_windows": None if windows is None else list(windows.shape),
+                              **(float_report(model) if wcfg is not None else {})}
     model.quantsink_calibration = cal
     from quantsink.weights.hf_quantizer import attach_kv_generate
 

@@ -3,8 +3,9 @@
 Importing this module registers :class:`QuantsinkConfig` and :class:`QuantsinkHfQuantizer`.
 Before the weights load, the quantizer swaps the Linear layers listed in
 ``quantization_config["modules"]`` for :class:`~quantsink.weights.linear.QuantLinear`
-shells (on the meta device); the loader then fills their buffers from the safetensors
-shards. After loading, ``model.generate`` is wrapped so that, when the checkpoint has a
+shells (on the meta device), and the MoE experts modules listed there for
+:class:`~quantsink.weights.experts.QuantExperts` shells; the loader then fills their buffers
+from the safetensors shards. After loading, ``model.generate`` is wrapped so that, when the checkpoint has a
 ``kv_cache`` section and no ``past_key_values`` / ``cache_implementation`` is given, it
 builds the checkpoint's :class:`~quantsink.kv.cache.SinkQuantCache` with the calibrated
 sink map.
@@ -54,8 +55,10 @@ class QuantsinkHfQuantizer(HfQuantizer):
         from quantsink.weights.outliers import outlier_count
         from quantsink.weights.sequential import set_submodule
 
+        from quantsink.weights.experts_load import replace_experts_shells
+
         w = self.quantization_config.weights or {}
-        for name in self.quantization_config.modules:
+        for name in replace_experts_shells(model, self.quantization_config.modules, w):
             mod = model.get_submodule(name)
             check(isinstance(mod, nn.Linear), f"checkpoint module {name!r} is not a Linear layer")
             k = outlier_count(int(w.get("outlier_channels", 0)), mod.in_features)

@@ -1,0 +1,134 @@
+"""Each decoder layer's own call, as the unmodified model makes it.
+
+A decoder stack hands every layer arguments of its own: hybrid models pass a sliding-window
+mask to sliding layers and a causal one to global layers (Gemma 2/3, GPT-OSS, Mistral-style
+configs), Gemma 3 passes the local or the global rotary table by layer type, and a model may
+pass any per-layer extra. :func:`capture_layer_calls` runs the model once on the calibration
+windows with a forward pre-hook on every decoder layer and records, per layer,
+everything it was called with except the hidden states (tensors are kept by reference, so
+masks and rotary tables shared between layers are stored once). A layer-by-layer pass then
+feeds layer ``i`` its own :class:`LayerCall` with hidden states of its choosing
+(:meth:`LayerCall.run`).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsink.errors import check
+from quantsink.hf.arch import SUPPORTED_FAMILIES, decoder_layers
+from quantsink.hf.forward import CACHE_NAMES
+
+
+class _Captured(Exception):
+    """Raised after the last decoder layer: everything needed has been recorded."""
+
+
+@dataclass
+class LayerCall:
+    """The arguments of one decoder-layer call, the hidden states left out.
+
+    ``hidden_name`` is None when the hidden states were the first positional argument,
+    else the keyword that carried them.
+    """
+
+    args: tuple  # positional arguments after the hidden states
+    kwargs: dict
+    hidden_name: str | None = None
+
+    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``layer`` called exactly as the model called it, on ``hidden`` ``[N, L, H]``."""
+        if self.hidden_name is None:
+            out = layer(hidden, *self.args, **self.kwargs)
+        else:
+            out = layer(*self.args, **{self.hidden_name: hidden}, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _first_parameter(layer: nn.Module) -> str:
+    params = list(inspect.signature(type(layer).forward).parameters)
+    return params[1] if len(params) > 1 else "hidden_states"
+
+
+def _split(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, LayerCall]:
+    """(hidden states, the rest of the call) of one pre-hook invocation."""
+    if args:
+        return args[0], LayerCall(tuple(args[1:]), dict(kwargs))
+    name = _first_parameter(layer)
+    check(name in kwargs, f"{type(layer).__name__} was called without its {name!r} argument; "
+                          f"supported: {SUPPORTED_FAMILIES}")
+    rest = {k: v for k, v in kwargs.items() if k != name}
+    return kwargs[name], LayerCall((), rest, name)
+
+
+@torch.no_grad()
+def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[LayerCall]]:
+    """Hidden states ``[N, L, H]`` entering decoder layer 0, and every layer's own call.
+
+    Runs the model once on ``input_ids`` ``[N, L]`` without a cache, stopped after the last
+    decoder layer (no final norm, no LM head).
+    """
+    _, layers = decoder_layers(model)
+    calls: list[list[LayerCall]] = [[] for _ in layers]
+    first: list[torch.Tensor] = []
+
+    def make_hook(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden, call = _split(module, args, kwargs)
+            if i == 0:
+                first.append(hidden)
+            calls[i].append(call)
+        return hook
+
+    def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _Captured
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(stop))
+    try:
+        model(input_ids=input_ids.to(_device(model)), use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    bad = [i for i, c in enumerate(calls) if len(c) != 1]
+    check(not bad, f"{type(model).__name__}: decoder layers {bad} were not called exactly once per "
+                   f"forward; supported: {SUPPORTED_FAMILIES}")
+    out = [c[0] for c in calls]
+    for i, call in enumerate(out):
+        held = [n for n in CACHE_NAMES if call.kwargs.get(n) is not None]
+        check(not held, f"decoder layer {i} received a cache ({held}) with use_cache=False; "
+                        f"supported: {SUPPORTED_FAMILIES}")
+    return first[0], out
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def same_call(a: Any, b: Any) -> float:
+    """Largest absolute difference between two call structures (inf when they differ in kind).
+
+    Tensors are compared element-wise (boolean masks as 0/1), tuples/lists/dicts recursively,
+    anything else by equality.
+    """
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+            return float("inf")
+        return 0.0 if a.numel() == 0 else float((a.double() - b.double()).abs().max())
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        if len(a) != len(b):
+            return float("inf")
+        return max([same_call(x, y) for x, y in zip(a, b)], default=0.0)
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return float("inf")
+        return max([same_call(a[k], b[k]) for k in a], default=0.0)
+    return 0.0 if a == b else float("inf")
