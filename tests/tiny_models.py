@@ -77,3 +77,22 @@ def build(name: str, seed: int = 0, sink_logits: float = 1.5) -> torch.nn.Module
 def token_ids(length: int = 96, batch: int = 1, seed: int = 1) -> torch.Tensor:
     """Random token ids ``[batch, length]`` that avoid the special ids 0-2."""
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def char_tokenizer():
+    """A character-level tokenizer whose ids fit ``VOCAB`` (printable ASCII; specials 0-3)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({chr(c): 4 + i for i, c in enumerate(range(32, 127))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def save(model: torch.nn.Module, path) -> None:
+    """Save ``model`` with :func:`char_tokenizer` as a Hugging Face directory."""
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)

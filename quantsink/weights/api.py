@@ -17,7 +17,8 @@ from torch import nn
 
 from quantsink.config import Recipe, load_recipe, to_dict
 from quantsink.errors import QuantsinkError, check
-from quantsink.weights.coverage import float_report
+from quantsink.hf.support import check_supported
+from quantsink.weights.coverage import check_quantizable, float_report
 from quantsink.weights.experts_quant import make_experts_quantizer
 from quantsink.weights.layer import make_group_quantizer, static_groups
 from quantsink.weights.sequential import quantize_layers
@@ -114,6 +115,8 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     """
     recipe = load_recipe(recipe)
     check(not getattr(model, "quantsink_report", None), "this model is already quantized")
+    check_supported(model)  # one line, before any work, for models quantsink cannot run
+    check_quantizable(model)
     windows = _windows(calib, tokenizer, recipe, samples, seq_len, seed)
     cal = _calibration(model, tokenizer, windows, calibration, progress)
     wcfg = recipe.weights

@@ -33,8 +33,9 @@ def _inside(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def layer_plan(layer: nn.Module, index: int) -> LayerPlan:
-    """Sort the matrices of decoder layer ``index``; one line for anything quantsink cannot pack."""
+def layer_plan(layer: nn.Module, index: int, prefix: str = "layers") -> LayerPlan:
+    """Sort the matrices of decoder layer ``index`` (at ``<prefix>.<index>``); one line for
+    anything quantsink cannot pack."""
     plan = LayerPlan(experts=[n for n, _ in find_experts(layer)], floating=routers(layer))
     router_modules = [n.rpartition(".")[0] for n in plan.floating]
     for name, mod in layer.named_modules():
@@ -46,10 +47,16 @@ def layer_plan(layer: nn.Module, index: int) -> LayerPlan:
         for pname, p in mod.named_parameters(recurse=False):
             if p.dim() >= 2:
                 raise QuantsinkError(
-                    f"decoder layer {index}: {name}.{pname} ({type(mod).__name__}, {tuple(p.shape)}) is "
+                    f"{prefix}.{index}.{name}.{pname} ({type(mod).__name__}, {tuple(p.shape)}) is "
                     f"neither an nn.Linear nor a transformers experts module, so it cannot be quantized; "
                     f"allowed: {QUANTIZABLE} (supported: {SUPPORTED_FAMILIES})")
     return plan
+
+
+def check_quantizable(model: nn.Module) -> list[LayerPlan]:
+    """:func:`layer_plan` of every decoder layer (one line for the first unknown matrix)."""
+    prefix, layers = decoder_layers(model)
+    return [layer_plan(layer, i, prefix) for i, layer in enumerate(layers)]
 
 
 def float_report(model: nn.Module) -> dict:

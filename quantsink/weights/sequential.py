@@ -104,10 +104,10 @@ def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_gro
     statistics instead (one group per Linear, no Hessian), experts get no observer, and no
     forward pass runs.
     """
-    from quantsink.weights.coverage import layer_plan
+    from quantsink.weights.coverage import check_quantizable
 
     prefix, layers = decoder_layers(model)
-    plans = [layer_plan(layer, i) for i, layer in enumerate(layers)]  # refuse before any work
+    plans = check_quantizable(model)  # refuse before any work
     check(quantize_experts is not None or not any(p.experts for p in plans),
           f"{type(model).__name__} has MoE experts but no experts quantizer was given")
     hidden, calls = capture_layer_calls(model, windows) if windows is not None else (None, None)
