@@ -19,6 +19,7 @@ sibling of the experts module whose weight has one row per expert) is not an exp
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -111,11 +112,16 @@ def routers(layer: nn.Module) -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(family: type) -> inspect.Signature:
+    return inspect.signature(family.forward)
+
+
 def routing_arguments(module: nn.Module, family: type, args: tuple, kwargs: dict
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` of an experts call,
     whatever the family names them (bound against ``family.forward``)."""
-    bound = inspect.signature(family.forward).bind(module, *args, **kwargs)
+    bound = _signature(family).bind(module, *args, **kwargs)
     values = list(bound.arguments.values())[1:4]
     check(len(values) == 3 and all(isinstance(v, torch.Tensor) for v in values),
           f"{family.__name__}: an experts call needs hidden states, expert indices and weights")

@@ -74,12 +74,13 @@ def float_report(model: nn.Module) -> dict:
     kept: list[dict] = []
     for i, layer in enumerate(layers):
         why = routers(layer)
+        packed = [n for n, m in layer.named_modules() if isinstance(m, (QuantLinear, QuantExperts))]
         for name, mod in layer.named_modules():
-            if isinstance(mod, (QuantLinear, QuantExperts)):
+            if name in packed:
                 t, f = _packed_elements(mod)
                 total, floating = total + t, floating + f
                 continue
-            if _inside(name, [n for n, m in layer.named_modules() if isinstance(m, QuantExperts)]):
+            if _inside(name, packed):
                 continue
             for pname, p in mod.named_parameters(recurse=False):
                 if p.dim() >= 2:
