@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from quantsink.calibration import calibrate
-from quantsink.calibration.collect import ATTN_NAME, calib_attention
+from quantsink.calibration.collect import ATTN_NAME, attention_for
 from quantsink.calibration.report import build_report, format_table
 from quantsink.cli import main
 from quantsink.hf.attention import custom_attention
+from quantsink.hf.support import applies_softcap
 
 import tiny_models as tm
 
@@ -44,10 +45,27 @@ def test_calibration_attention_is_the_models_attention(name: str) -> None:
     ids = tm.token_ids(96, 2)  # longer than the 16-token sliding windows
     with torch.no_grad():
         want = model(ids).logits
-        with custom_attention(model, ATTN_NAME, calib_attention):
+        with custom_attention(model, ATTN_NAME, attention_for(model)):
             got = model(ids).logits
     assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
     assert model.config._attn_implementation != ATTN_NAME  # restored
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_softcap_follows_the_models_implementation(implementation: str) -> None:
+    """Gemma 2's softcap is applied by eager attention and dropped by transformers' sdpa."""
+    model = tm.build("gemma2")
+    try:
+        model.set_attn_implementation(implementation)
+    except ValueError:  # transformers >= 5.2x refuses sdpa for Gemma 2 (5.17 runs it, without softcap)
+        pytest.skip(f"this transformers version refuses {implementation} for Gemma 2")
+    ids = tm.token_ids(96, 1)
+    with torch.no_grad():
+        want = model(ids).logits
+        with custom_attention(model, ATTN_NAME, attention_for(model)):
+            got = model(ids).logits
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    assert applies_softcap(model) == (implementation == "eager")
 
 
 def test_learned_sink_share_equals_the_models_own() -> None:

@@ -2,7 +2,8 @@
 
 Attention goes through a registered attention function (``quantsink_calib``, switched in
 with the adapter's checked :func:`~quantsink.hf.attention.custom_attention`) that computes
-exactly the attention the layer asks for: its scaling, Gemma 2's logit softcapping, the
+exactly the attention the model computes: its scaling, Gemma 2's logit softcapping (where
+the model's own implementation applies it: transformers' sdpa drops it), the
 layer's mask (sliding window included, and the window of the call re-applied) and GPT-OSS's
 learned sink logits (an extra softmax column per head, dropped after normalising, as the
 model does). It reduces the probabilities at once to per-key attention mass and the
@@ -14,8 +15,9 @@ input-channel absolute maxima.
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,8 +26,9 @@ from quantsink.calibration.detect import (Thresholds, far_mass, leading_mass, ma
                                           positional_limit, token_window_max)
 from quantsink.calibration.ranges import KeyMagnitudes
 from quantsink.errors import check
-from quantsink.hf.arch import decoder_layers
-from quantsink.hf.attention import custom_attention, extras_from_call
+from quantsink.hf.arch import attention_specs, decoder_layers
+from quantsink.hf.attention import Extras, custom_attention, extras_from_call
+from quantsink.hf.support import applies_softcap
 
 ATTN_NAME = "quantsink_calib"
 _ACTIVE: "Collector | None" = None
@@ -54,7 +57,29 @@ def calib_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
 
     query: [B, H, Lq, D]; key, value: [B, Hkv, Lk, D] (keys after RoPE). Returns ``[B, Lq, H, D]``.
     """
-    ex = extras_from_call(module, query, kwargs)
+    return _attention(module, query, key, value, attention_mask, extras_from_call(module, query, kwargs))
+
+
+def calib_attention_without_softcap(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                    value: torch.Tensor, attention_mask: torch.Tensor | None,
+                                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """:func:`calib_attention` for models whose own implementation drops the softcap (sdpa)."""
+    ex = dataclasses.replace(extras_from_call(module, query, kwargs), softcap=None)
+    return _attention(module, query, key, value, attention_mask, ex)
+
+
+def attention_for(model: nn.Module) -> Callable:
+    """The calibration attention that computes what ``model``'s own implementation computes."""
+    return calib_attention if applies_softcap(model) or not _has_softcap(model) else \
+        calib_attention_without_softcap
+
+
+def _has_softcap(model: nn.Module) -> bool:
+    return any(s.softcap is not None for s in attention_specs(model))
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, ex: Extras) -> tuple[torch.Tensor, None]:
     n_rep = query.shape[1] // key.shape[1]
     k = key.float().repeat_interleave(n_rep, dim=1)  # [B, H, Lk, D]
     scores = torch.matmul(query.float(), k.transpose(2, 3)) * ex.scaling  # [B, H, Lq, Lk]
@@ -200,7 +225,7 @@ def attached(model: nn.Module, collector: Collector) -> Iterator[Collector]:
                     lambda _m, args, full=full: collector.observe_linear_input(full, args[0])))
     _ACTIVE = collector
     try:
-        with custom_attention(model, ATTN_NAME, calib_attention):
+        with custom_attention(model, ATTN_NAME, attention_for(model)):
             yield collector
     finally:
         _ACTIVE = None

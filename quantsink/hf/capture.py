@@ -3,18 +3,19 @@
 A decoder stack hands every layer arguments of its own: hybrid models pass a sliding-window
 mask to sliding layers and a causal one to global layers (Gemma 2/3, GPT-OSS, Mistral-style
 configs), Gemma 3 passes the local or the global rotary table by layer type, and a model may
-pass any per-layer extra. :func:`capture_layer_calls` runs the model once on the calibration
-windows with a forward pre-hook on every decoder layer and records, per layer,
-everything it was called with except the hidden states (tensors are kept by reference, so
-masks and rotary tables shared between layers are stored once). A layer-by-layer pass then
-feeds layer ``i`` its own :class:`LayerCall` with hidden states of its choosing
-(:meth:`LayerCall.run`).
+pass any per-layer extra. :func:`layer_by_layer` runs the model once on the calibration
+windows with a forward pre-hook on every decoder layer that hands the layer's hidden states
+and the rest of its call (:class:`LayerCall`) to a callback before the layer runs; the
+callback may quantize the layer (and run it itself, :meth:`LayerCall.run`), and the model
+then runs the new layer with its own arguments, so the next layer receives the hidden
+states of the already-quantized layers and, always, the arguments the model gives it.
+:func:`capture_layer_calls` just records the calls (tensors by reference).
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -66,27 +67,38 @@ def _split(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, L
 
 
 @torch.no_grad()
-def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor
-                        ) -> tuple[torch.Tensor, list[LayerCall]]:
-    """Hidden states ``[N, L, H]`` entering decoder layer 0, and every layer's own call.
+def layer_by_layer(model: nn.Module, input_ids: torch.Tensor,
+                   visit: Callable[[int, torch.Tensor, LayerCall], None]) -> None:
+    """Run the model once on ``input_ids`` ``[N, L]`` (no cache), calling ``visit(i, hidden,
+    call)`` just before decoder layer ``i`` runs, with the hidden states ``[N, L, H]`` and the
+    rest of the call the model makes.
 
-    Runs the model once on ``input_ids`` ``[N, L]`` without a cache, stopped after the last
+    ``visit`` may replace layer ``i``'s submodules (e.g. by quantized ones) and run the layer
+    itself (re-entrant calls are not visited): the model then calls the new layer with its own
+    arguments, and its output is what the next layer receives. The pass stops after the last
     decoder layer (no final norm, no LM head).
     """
     _, layers = decoder_layers(model)
-    calls: list[list[LayerCall]] = [[] for _ in layers]
-    first: list[torch.Tensor] = []
+    seen = [0] * len(layers)
+    busy: list[int] = []
 
     def make_hook(i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if busy:  # visit() running the layer itself
+                return
             hidden, call = _split(module, args, kwargs)
-            if i == 0:
-                first.append(hidden)
-            calls[i].append(call)
+            seen[i] += 1
+            _check_call(i, call)
+            busy.append(i)
+            try:
+                visit(i, hidden, call)
+            finally:
+                busy.pop()
         return hook
 
     def stop(module: nn.Module, args: tuple, output: Any) -> None:
-        raise _Captured
+        if not busy:
+            raise _Captured
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
                for i, layer in enumerate(layers)]
@@ -98,15 +110,32 @@ def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor
     finally:
         for h in handles:
             h.remove()
-    bad = [i for i, c in enumerate(calls) if len(c) != 1]
+    bad = [i for i, n in enumerate(seen) if n != 1]
     check(not bad, f"{type(model).__name__}: decoder layers {bad} were not called exactly once per "
                    f"forward; supported: {SUPPORTED_FAMILIES}")
-    out = [c[0] for c in calls]
-    for i, call in enumerate(out):
-        held = [n for n in CACHE_NAMES if call.kwargs.get(n) is not None]
-        check(not held, f"decoder layer {i} received a cache ({held}) with use_cache=False; "
-                        f"supported: {SUPPORTED_FAMILIES}")
-    return first[0], out
+
+
+def _check_call(i: int, call: LayerCall) -> None:
+    held = [n for n in CACHE_NAMES if call.kwargs.get(n) is not None]
+    check(not held, f"decoder layer {i} received a cache ({held}) with use_cache=False; "
+                    f"supported: {SUPPORTED_FAMILIES}")
+
+
+@torch.no_grad()
+def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[LayerCall]]:
+    """Hidden states ``[N, L, H]`` entering decoder layer 0, and every layer's own call
+    (one pass of the unmodified model, see :func:`layer_by_layer`)."""
+    first: list[torch.Tensor] = []
+    calls: list[LayerCall] = []
+
+    def visit(i: int, hidden: torch.Tensor, call: LayerCall) -> None:
+        if i == 0:
+            first.append(hidden)
+        calls.append(call)
+
+    layer_by_layer(model, input_ids, visit)
+    return first[0], calls
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -28,3 +28,30 @@ def check_supported(model: nn.Module) -> None:
     attention_specs(model)
     with custom_attention(model, PROBE, _probe):
         pass
+
+
+@torch.no_grad()
+def applies_softcap(model: nn.Module) -> bool:
+    """Whether the model's attention implementation applies the logit softcap its layers pass.
+
+    Gemma 2 passes ``softcap`` to every attention call; eager (and flash / flex) attention
+    apply it, transformers' sdpa silently drops it. This runs the model's own attention
+    function on a few random tokens with and without the softcap and compares. False for
+    models without softcapping.
+    """
+    from quantsink.hf.arch import attention_module, decoder_layers, text_config
+    from quantsink.hf.attention import _base_attention, base_implementation
+
+    specs = [s for s in attention_specs(model) if s.softcap is not None]
+    if not specs:
+        return False
+    cfg, attn = text_config(model), attention_module(decoder_layers(model)[1][specs[0].layer], specs[0].layer)
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    gen = torch.Generator().manual_seed(0)
+    param = next(model.parameters())
+    q, k, v = (4 * torch.randn(1, h, 4, dim, generator=gen).to(param) for h in (heads, kv, kv))
+    fn = _base_attention(attn, base_implementation(model))
+    capped = fn(attn, q, k, v, None, scaling=1.0, dropout=0.0, softcap=0.5)[0]
+    plain = fn(attn, q, k, v, None, scaling=1.0, dropout=0.0)[0]
+    return not torch.allclose(capped, plain)

@@ -5,7 +5,8 @@ dense layers (:func:`~quantsink.weights.layer.quantize_matrix`: int-``bits`` gro
 the input channels, fp16 outlier input channels chosen per expert, massive residual
 channels forced for inputs of the hidden size). GPTQ uses the Hessian of the tokens routed
 to that expert; an expert with fewer than ``weights.expert_min_tokens`` routed tokens is
-RTN-quantized instead (and reported). The module is then replaced by a
+RTN-quantized instead, its outlier channels and clip weights taken from all the layer's
+calibration tokens sent through it (and reported). The module is then replaced by a
 :class:`~quantsink.weights.experts.QuantExperts`.
 """
 from __future__ import annotations
@@ -26,8 +27,9 @@ from quantsink.weights.sequential import InputGroup, set_submodule
 
 
 def _fallback(cfg: WeightConfig, tokens: torch.Tensor | None) -> list[int]:
-    """Experts quantized with RTN although the recipe asks for GPTQ."""
-    if cfg.algorithm != "gptq" or tokens is None:
+    """Experts with fewer than ``expert_min_tokens`` routed tokens: RTN (whatever the recipe's
+    algorithm) with the statistics of all calibration tokens sent through the expert."""
+    if tokens is None:
         return []
     return [e for e, t in enumerate(tokens.tolist()) if t < cfg.expert_min_tokens]
 

@@ -1,15 +1,14 @@
 """Layer-by-layer quantization of a decoder's Linear layers and MoE experts.
 
-One pass of the unmodified decoder stack records every decoder layer's own call
-(:func:`quantsink.hf.capture.capture_layer_calls`: its mask, rotary table and any extra, by
-layer type) and the hidden states entering layer 0. Then, for each decoder layer in turn,
-the layer runs with its own call on the hidden states produced by the already-quantized
-layers before it, while hooks record, per distinct input tensor, the input absmax and (for
-GPTQ) ``H = X^T X / tokens``; experts modules are observed expert by expert
-(:mod:`quantsink.weights.expert_stats`). Linear layers that read the same tensor (q/k/v,
-gate/up) form one group: they share the Hessian and the outlier channels, and are quantized
-as one stacked matrix. The quantized layer then runs again to produce the next layer's
-inputs. What is quantized is decided up front by :func:`quantsink.weights.coverage.layer_plan`
+The model runs once on the calibration windows (:func:`quantsink.hf.capture.layer_by_layer`);
+just before each decoder layer runs, with the arguments the model gives it (its own mask,
+rotary table and extras, by layer type) and the hidden states produced by the
+already-quantized layers before it, the layer is run once more while hooks record, per
+distinct input tensor, the input absmax and (for GPTQ) ``H = X^T X / tokens``; experts
+modules are observed expert by expert (:mod:`quantsink.weights.expert_stats`). Linear
+layers that read the same tensor (q/k/v, gate/up) form one group: they share the Hessian
+and the outlier channels, and are quantized as one stacked matrix. The model's forward then
+runs the quantized layer, whose output the next layer receives. What is quantized is decided up front by :func:`quantsink.weights.coverage.layer_plan`
 (routers stay in floating point; an unknown matrix layout is refused with one line).
 """
 from __future__ import annotations
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from quantsink.errors import check
 from quantsink.hf.arch import decoder_layers
-from quantsink.hf.capture import LayerCall, capture_layer_calls
+from quantsink.hf.capture import LayerCall, layer_by_layer
 
 
 @dataclass
@@ -110,21 +109,25 @@ def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_gro
     plans = check_quantizable(model)  # refuse before any work
     check(quantize_experts is not None or not any(p.experts for p in plans),
           f"{type(model).__name__} has MoE experts but no experts quantizer was given")
-    hidden, calls = capture_layer_calls(model, windows) if windows is not None else (None, None)
     reports: list[dict] = []
-    for i, layer in enumerate(tqdm(layers, desc="quantize", unit="layer", disable=not progress)):
-        plan, name = plans[i], f"{prefix}.{i}"
+    bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
+
+    def quantize(i: int, hidden: torch.Tensor | None, call: LayerCall | None) -> None:
+        layer, plan, name = layers[i], plans[i], f"{prefix}.{i}"
         if hidden is None:
             groups, observers = static_stats(name, layer), {n: None for n in plan.experts}
         else:
-            groups, observers = collect_groups(layer, hidden, calls[i], hessian, plan.linears,
-                                               plan.experts)
+            groups, observers = collect_groups(layer, hidden, call, hessian, plan.linears, plan.experts)
         for group in _planned(groups, plan.linears):
-            reports += quantize_group(layer, name, group)
+            reports.extend(quantize_group(layer, name, group))
         for experts_name, observer in observers.items():
-            reports += quantize_experts(layer, name, experts_name, observer)
-        del observers
-        if hidden is not None and i + 1 < len(layers):
-            with torch.no_grad():
-                hidden = calls[i].run(layer, hidden)
+            reports.extend(quantize_experts(layer, name, experts_name, observer))
+        bar.update(1)
+
+    with bar:
+        if windows is None:
+            for i in range(len(layers)):
+                quantize(i, None, None)
+        else:  # the model's own forward runs each freshly quantized layer, with its own arguments
+            layer_by_layer(model, windows, quantize)
     return reports
