@@ -157,6 +157,16 @@ def test_moe_report_routed_tokens_and_checkpoint_layout(exported: dict, name: st
     assert report["experts"][0]["routed_tokens"] == rows[0]["routed_tokens"]
 
 
+def test_moe_export_is_byte_identical_across_runs(exported: dict, tmp_path: Path) -> None:
+    model = tm.build("gpt_oss")
+    quantsink.quantize(model, RECIPE, calib=tm.token_ids(96, 4, seed=3), progress=False)
+    again = export(model, None, tmp_path / "again")
+    first = exported["gpt_oss"]["dir"]
+    shards = sorted(p.name for p in first.glob("model-*.safetensors"))
+    assert shards == sorted(p.name for p in again.glob("model-*.safetensors"))
+    assert all((first / n).read_bytes() == (again / n).read_bytes() for n in shards)
+
+
 def test_rtn_fallback_for_starved_experts_is_reported() -> None:
     model = tm.build("gpt_oss")
     recipe = {**RECIPE, "weights": {**RECIPE["weights"], "expert_min_tokens": 10**6}}

@@ -66,6 +66,31 @@ def _split(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, L
     return kwargs[name], LayerCall((), rest, name)
 
 
+class _Visitor:
+    """The pre-hooks of :func:`layer_by_layer`: hand each layer's call to ``visit`` once."""
+
+    def __init__(self, visit: Callable[[int, torch.Tensor, LayerCall], None], n: int) -> None:
+        self.visit, self.seen, self.busy = visit, [0] * n, False
+
+    def hook(self, i: int) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.busy:  # visit() running the layer itself
+                return
+            hidden, call = _split(module, args, kwargs)
+            self.seen[i] += 1
+            _check_call(i, call)
+            self.busy = True
+            try:
+                self.visit(i, hidden, call)
+            finally:
+                self.busy = False
+        return pre_hook
+
+    def stop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.busy:
+            raise _Captured
+
+
 @torch.no_grad()
 def layer_by_layer(model: nn.Module, input_ids: torch.Tensor,
                    visit: Callable[[int, torch.Tensor, LayerCall], None]) -> None:
@@ -79,30 +104,10 @@ def layer_by_layer(model: nn.Module, input_ids: torch.Tensor,
     decoder layer (no final norm, no LM head).
     """
     _, layers = decoder_layers(model)
-    seen = [0] * len(layers)
-    busy: list[int] = []
-
-    def make_hook(i: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if busy:  # visit() running the layer itself
-                return
-            hidden, call = _split(module, args, kwargs)
-            seen[i] += 1
-            _check_call(i, call)
-            busy.append(i)
-            try:
-                visit(i, hidden, call)
-            finally:
-                busy.pop()
-        return hook
-
-    def stop(module: nn.Module, args: tuple, output: Any) -> None:
-        if not busy:
-            raise _Captured
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+    visitor = _Visitor(visit, len(layers))
+    handles = [layer.register_forward_pre_hook(visitor.hook(i), with_kwargs=True)
                for i, layer in enumerate(layers)]
-    handles.append(layers[-1].register_forward_hook(stop))
+    handles.append(layers[-1].register_forward_hook(visitor.stop))
     try:
         model(input_ids=input_ids.to(_device(model)), use_cache=False)
     except _Captured:
@@ -110,7 +115,7 @@ def layer_by_layer(model: nn.Module, input_ids: torch.Tensor,
     finally:
         for h in handles:
             h.remove()
-    bad = [i for i, n in enumerate(seen) if n != 1]
+    bad = [i for i, n in enumerate(visitor.seen) if n != 1]
     check(not bad, f"{type(model).__name__}: decoder layers {bad} were not called exactly once per "
                    f"forward; supported: {SUPPORTED_FAMILIES}")
 

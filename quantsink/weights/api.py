@@ -2,10 +2,11 @@
 
 ``quantize`` draws calibration windows, runs the calibration of
 :mod:`quantsink.calibration` (sink map, massive activations) when it is available,
-replaces every decoder Linear by a :class:`~quantsink.weights.linear.QuantLinear` layer by
-layer, rounds the remaining floating-point tensors to fp16 (the precision they are
-exported in, so the exported checkpoint reproduces the in-memory model exactly), and
-records everything in ``model.config.quantization_config``.
+replaces every decoder Linear by a :class:`~quantsink.weights.linear.QuantLinear` and every
+MoE experts module by a :class:`~quantsink.weights.experts.QuantExperts`, layer by layer,
+rounds the remaining floating-point tensors to fp16 (the precision they are exported in, so
+the exported checkpoint reproduces the in-memory model exactly), and records everything in
+``model.config.quantization_config``.
 """
 from __future__ import annotations
 
@@ -126,15 +127,7 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
               f"recipe {recipe.name!r} (weights.algorithm={wcfg.algorithm}, outlier_channels="
               f"{wcfg.outlier_channels}) needs calibration data; allowed: --calib PATH (or calib=...), "
               "or --calibration ARTIFACT for rtn recipes")
-    reports: list[dict] = []
-    if wcfg is not None:
-        forced = massive_channels(cal, limit=wcfg.outlier_channels // 4)
-        group_q = make_group_quantizer(wcfg, forced, _hidden_size(model))
-        experts_q = make_experts_quantizer(wcfg, forced, _hidden_size(model))
-        static = static_groups(cal) if windows is None else None
-        reports = quantize_layers(model, windows, group_q, static_stats=static,
-                                  hessian=wcfg.algorithm == "gptq", progress=progress,
-                                  quantize_experts=experts_q)
+    reports = [] if wcfg is None else _quantize_weights(model, wcfg, windows, cal, progress)
     round_float_tensors_to_fp16(model)
     modules = list(dict.fromkeys(r.get("module", r["name"]) for r in reports))  # experts: once
     model.config.quantization_config = _quant_config(recipe, cal, modules)
@@ -149,6 +142,17 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
 
 
 quantize_ = quantize
+
+
+def _quantize_weights(model: Any, wcfg: Any, windows: torch.Tensor | None, cal: Any,
+                      progress: bool) -> list[dict]:
+    """Every decoder Linear and MoE experts module quantized, layer by layer; the reports."""
+    forced = massive_channels(cal, limit=wcfg.outlier_channels // 4)
+    group_q = make_group_quantizer(wcfg, forced, _hidden_size(model))
+    experts_q = make_experts_quantizer(wcfg, forced, _hidden_size(model))
+    static = static_groups(cal) if windows is None else None
+    return quantize_layers(model, windows, group_q, static_stats=static,
+                           hessian=wcfg.algorithm == "gptq", progress=progress, quantize_experts=experts_q)
 
 
 def _hidden_size(model: Any) -> int:
