@@ -1,8 +1,8 @@
 """Tiny random-init decoders of every supported family (no downloads), for the matrix tests.
 
 ``build(name)`` returns an fp32 model in eval mode; ``ARCHS`` lists the supported families,
-``UNSUPPORTED`` the ones quantsink refuses with one line, ``MOE_EXTRA`` two more MoE families
-(Qwen3-MoE, Mixtral: concatenated gate/up experts stored ``[E, out, in]``). Every model has hidden 64, 4 query
+``UNSUPPORTED`` the ones quantsink refuses with one line, ``MOE_EXTRA`` more MoE families
+(Qwen3-MoE, Qwen2-MoE, Mixtral: concatenated gate/up experts stored ``[E, out, in]``). Every model has hidden 64, 4 query
 and 2 KV heads, ``initializer_range=0.1`` (so attention is far from uniform) and a sliding
 window of 16 tokens where the family has one (shorter than the 96-token test sequences).
 """
@@ -38,6 +38,9 @@ def _configs() -> dict:
         "qwen3_moe": lambda: T.Qwen3MoeConfig(num_hidden_layers=2, head_dim=16, num_experts=4,
                                               num_experts_per_tok=2, moe_intermediate_size=64,
                                               decoder_sparse_step=1, **COMMON),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                              decoder_sparse_step=1, **COMMON),
         "mixtral": lambda: T.MixtralConfig(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                            **COMMON),
         "cohere": lambda: T.CohereConfig(num_hidden_layers=2, logit_scale=1.0, **COMMON),
@@ -53,7 +56,8 @@ def _configs() -> dict:
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt_oss",
          "cohere", "granite")
 UNSUPPORTED = ("gpt2", "falcon")
-MOE_EXTRA = ("qwen3_moe", "mixtral")  # more experts layouts (concatenated gate/up, [E, out, in])
+MOE_EXTRA = ("qwen3_moe", "qwen2_moe", "mixtral")  # concatenated gate/up [E, out, in]; Qwen2-MoE
+# adds a shared expert (Linear layers) behind a Linear gate [1, H]
 
 
 def build(name: str, seed: int = 0, sink_logits: float = 1.5) -> torch.nn.Module:

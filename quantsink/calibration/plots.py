@@ -115,6 +115,7 @@ def plot_learned_sinks(result: CalibrationResult, path: Path) -> bool:
                    interpolation="nearest")
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
+    ax.set_xticks(range(0, mass.shape[1], max(1, mass.shape[1] // 16)))
     ax.set_yticks(range(len(layers)), [str(l) for l in layers])
     ax.set_title(f"{Path(result.model).name}: share of attention on the learned sink logits\n"
                  f"(mean over queries and windows; mean over all: {float(mass.mean()):.3f})")

@@ -24,10 +24,21 @@ def _probe(module: nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) ->
 
 
 def check_supported(model: nn.Module) -> None:
-    """One line (:class:`~quantsink.errors.QuantsinkError`) unless quantsink can run ``model``."""
+    """One line (:class:`~quantsink.errors.QuantsinkError`) unless quantsink can run ``model``.
+
+    transformers' own log line about a model that ignores the attention switch (Falcon) is
+    silenced: the error says it.
+    """
+    from transformers.utils import logging as hf_logging
+
     attention_specs(model)
-    with custom_attention(model, PROBE, _probe):
-        pass
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with custom_attention(model, PROBE, _probe):
+            pass
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @torch.no_grad()
