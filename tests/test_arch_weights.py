@@ -175,6 +175,26 @@ def test_rtn_fallback_for_starved_experts_is_reported() -> None:
     assert [r["rtn_fallback"] for r in rows] == [[0, 1, 2, 3]] * 2
 
 
+def test_expert_whose_gptq_fails_falls_back_to_rtn_and_is_reported(monkeypatch) -> None:
+    import quantsink.weights.experts_quant as eq
+
+    calls = []
+
+    def flaky(w, group, cfg, forced):
+        calls.append(cfg.algorithm)
+        if cfg.algorithm == "gptq" and len(calls) == 1:  # the first expert of the first projection
+            raise torch.linalg.LinAlgError("linalg.cholesky: not positive-definite")
+        return eq.quantize_matrix.__wrapped__(w, group, cfg, forced)
+
+    flaky.__wrapped__ = eq.quantize_matrix
+    monkeypatch.setattr(eq, "quantize_matrix", flaky)
+    model = tm.build("gpt_oss")
+    quantsink.quantize(model, RECIPE, calib=tm.token_ids(96, 4, seed=3), progress=False)
+    rows = [r for r in model.quantsink_report["modules"] if r.get("routed_tokens") is not None]
+    assert rows[0]["gptq_failed"] == [0] and 0 in rows[0]["rtn_fallback"] and calls[1] == "rtn"
+    assert rows[1]["gptq_failed"] == []
+
+
 @pytest.mark.parametrize("name", ("gpt_oss", "qwen3_moe"))
 def test_quant_experts_forward_equals_family_forward_on_dequantized_weights(name: str) -> None:
     model = tm.build(name)

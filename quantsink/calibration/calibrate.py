@@ -76,8 +76,8 @@ def finalize(col: Collector, tokenizer: Any, model_name: str, meta: dict) -> Cal
     distinct = col.lead_distinct()[:, :lead_mass.shape[-1]]
     pos_rows = find_positional_sinks(lead_mass.mean(1), col.seq_len, th, fraction, distinct,
                                      min_distinct=min(2, col.windows))
-    content_rows = find_content_sinks(col.ratio_sum, col.mass_sum, col.token_windows, th,
-                                      lambda t: tokenizer.decode([t]))
+    decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else (lambda t: f"<id {t}>")
+    content_rows = find_content_sinks(col.ratio_sum, col.mass_sum, col.token_windows, th, decode)
     sink_map = SinkMap(positional=leading_prefix(pos_rows),
                        content_token_ids=[r["token_id"] for r in content_rows],
                        num_layers=col.num_layers, positional_detail=pos_rows, content_detail=content_rows)

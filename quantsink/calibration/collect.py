@@ -3,9 +3,9 @@
 Attention goes through a registered attention function (``quantsink_calib``, switched in
 with the adapter's checked :func:`~quantsink.hf.attention.custom_attention`) that computes
 exactly the attention the model computes: its scaling, Gemma 2's logit softcapping (where
-the model's own implementation applies it: transformers' sdpa drops it), the
-layer's mask (sliding window included, and the window of the call re-applied) and GPT-OSS's
-learned sink logits (an extra softmax column per head, dropped after normalising, as the
+the model's own implementation applies it: transformers' sdpa drops it), the layer's mask
+(sliding window included, and the window of the call re-applied) and GPT-OSS's learned sink
+logits (an extra softmax column per head, dropped after normalising, as the
 model does). It reduces the probabilities at once to per-key attention mass and the
 learned sink's share, and hands back the usual output, so attention statistics cost
 O(one layer) of memory. It also sees the post-RoPE keys, whose per-channel magnitudes it
@@ -84,9 +84,9 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     k = key.float().repeat_interleave(n_rep, dim=1)  # [B, H, Lk, D]
     scores = torch.matmul(query.float(), k.transpose(2, 3)) * ex.scaling  # [B, H, Lq, Lk]
     del k
-    if ex.softcap is not None:
-        scores = torch.tanh(scores / ex.softcap) * ex.softcap
-    scores = scores + _bias(attention_mask, query.shape[2], key.shape[2], ex.sliding_window, scores)
+    if ex.softcap is not None:  # in place: one [B, H, Lq, Lk] buffer
+        scores.div_(ex.softcap).tanh_().mul_(ex.softcap)
+    scores += _bias(attention_mask, query.shape[2], key.shape[2], ex.sliding_window, scores)
     sink = None
     if ex.sink_logits is not None:  # one more column per head, dropped after normalising
         col = ex.sink_logits.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)

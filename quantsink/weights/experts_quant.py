@@ -34,18 +34,26 @@ def _fallback(cfg: WeightConfig, tokens: torch.Tensor | None) -> list[int]:
     return [e for e, t in enumerate(tokens.tolist()) if t < cfg.expert_min_tokens]
 
 
-def _pack_projection(w: torch.Tensor, cfg: WeightConfig, groups: list[InputGroup],
-                     fallback: list[int], forced: list[int]) -> PackedExperts:
-    """Quantize ``w [E, out, in]`` expert by expert into a :class:`PackedExperts`."""
+def _pack_projection(w: torch.Tensor, cfg: WeightConfig, groups: Callable[[int, bool], InputGroup],
+                     fallback: list[int], forced: list[int]) -> tuple[PackedExperts, list[int]]:
+    """Quantize ``w [E, out, in]`` expert by expert into a :class:`PackedExperts`.
+
+    ``groups(e, fallback)`` gives expert ``e``'s statistics. An expert whose GPTQ Hessian
+    cannot be factorised (too few distinct tokens for its width) is RTN-quantized like the
+    starved ones; returns the packed projection and those experts.
+    """
     e_count, out, inp = w.shape
     packed = PackedExperts(e_count, inp, out, cfg.bits, cfg.group_size,
                            outlier_count(cfg.outlier_channels, inp))
-    rtn = dataclasses.replace(cfg, algorithm="rtn")
+    rtn, failed = dataclasses.replace(cfg, algorithm="rtn"), []
     for e in range(e_count):
-        codes, scale, zero, idx, rest = quantize_matrix(w[e].float(), groups[e],
-                                                        rtn if e in fallback else cfg, forced)
-        packed.set_expert(e, codes, scale, zero, idx, rest)
-    return packed
+        try:
+            q = quantize_matrix(w[e].float(), groups(e, e in fallback), rtn if e in fallback else cfg, forced)
+        except torch.linalg.LinAlgError:
+            failed.append(e)
+            q = quantize_matrix(w[e].float(), groups(e, True), rtn, forced)
+        packed.set_expert(e, *q)
+    return packed, failed
 
 
 def _static_group(name: str, inp: int, cfg: WeightConfig) -> InputGroup:
@@ -65,19 +73,21 @@ def make_experts_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: i
         layout, full = experts_layout(module), f"{prefix}.{name}"
         tokens = None if observer is None else observer.tokens.clone()
         fallback = _fallback(cfg, tokens)
-        packed, reports = {}, []
+        packed, reports, failed = {}, [], set()
         for proj in layout.projections:
             w = expert_matrices(module, layout, proj)  # [E, out, in]
             inp = w.shape[2]
-            groups = [_static_group(full, inp, cfg) if observer is None else
-                      observer.group(proj, e, e in fallback) for e in range(layout.num_experts)]
             forced = massive if cfg.massive_outliers and inp == hidden_size else []
-            packed[proj] = _pack_projection(w, cfg, groups, fallback, forced)
+            stats = (lambda e, fb, proj=proj, inp=inp: _static_group(full, inp, cfg) if observer is None
+                     else observer.group(proj, e, fb))
+            packed[proj], bad = _pack_projection(w, cfg, stats, fallback, forced)
+            failed.update(bad)
             reports.append({"name": f"{full}.{proj}", "module": full, "kind": "experts",
                             "experts": layout.num_experts, "in": inp, "out": w.shape[1],
                             "outliers": packed[proj].n_outliers, "fp16_bytes": 2 * w.numel(),
                             "packed_bytes": packed[proj].packed_nbytes()})
-        reports[0].update(routed_tokens=None if tokens is None else tokens.tolist(), rtn_fallback=fallback,
+        reports[0].update(routed_tokens=None if tokens is None else tokens.tolist(),
+                          rtn_fallback=sorted(set(fallback) | failed), gptq_failed=sorted(failed),
                           min_tokens=cfg.expert_min_tokens)
         device = expert_matrices(module, layout, layout.projections[0]).device
         set_submodule(layer, name, QuantExperts(module, packed, layout).to(device))

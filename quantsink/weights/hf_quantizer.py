@@ -3,12 +3,13 @@
 Importing this module registers :class:`QuantsinkConfig` and :class:`QuantsinkHfQuantizer`.
 Before the weights load, the quantizer swaps the Linear layers listed in
 ``quantization_config["modules"]`` for :class:`~quantsink.weights.linear.QuantLinear`
-shells (on the meta device), and the MoE experts modules listed there for
-:class:`~quantsink.weights.experts.QuantExperts` shells; the loader then fills their buffers
-from the safetensors shards. After loading, ``model.generate`` is wrapped so that, when the checkpoint has a
+shells (on the meta device); the loader then fills their buffers from the safetensors
+shards. After loading, ``model.generate`` is wrapped so that, when the checkpoint has a
 ``kv_cache`` section and no ``past_key_values`` / ``cache_implementation`` is given, it
 builds the checkpoint's :class:`~quantsink.kv.cache.SinkQuantCache` with the calibrated
 sink map.
+MoE experts modules listed there get :class:`~quantsink.weights.experts.QuantExperts` shells
+the same way (:func:`~quantsink.weights.experts_load.replace_experts_shells`).
 """
 from __future__ import annotations
 
@@ -51,11 +52,10 @@ class QuantsinkHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        from quantsink.weights.experts_load import replace_experts_shells
         from quantsink.weights.linear import QuantLinear
         from quantsink.weights.outliers import outlier_count
         from quantsink.weights.sequential import set_submodule
-
-        from quantsink.weights.experts_load import replace_experts_shells
 
         w = self.quantization_config.weights or {}
         for name in replace_experts_shells(model, self.quantization_config.modules, w):

@@ -43,8 +43,8 @@ def build_report(model: Any, recipe: Any, ppl_before: float | None = None,
 
 def experts_rows(modules: list[dict]) -> list[dict]:
     """Per MoE experts module: tokens routed to each expert and the experts that fell back to RTN."""
-    return [{"module": m["module"], "routed_tokens": m["routed_tokens"], "rtn_fallback": m["rtn_fallback"],
-             "min_tokens": m["min_tokens"]} for m in modules if "rtn_fallback" in m]
+    keys = ("module", "routed_tokens", "rtn_fallback", "gptq_failed", "min_tokens")
+    return [{k: m[k] for k in keys} for m in modules if "rtn_fallback" in m]
 
 
 def dir_bytes(path: Path) -> int:
@@ -58,8 +58,8 @@ def _moe_rows(report: dict) -> list[tuple[str, Any]]:
         fell = sum(len(r["rtn_fallback"]) for r in report["experts"])
         total = sum(len(r["routed_tokens"] or []) for r in report["experts"])
         rows.append(("quantized MoE experts modules", f"{report['quantized_experts_modules']} "
-                     f"({total} experts; {fell} with < {report['experts'][0]['min_tokens']} routed "
-                     "tokens fell back to RTN, see quantsink_report.json)"))
+                     f"({total} experts; {fell} fell back to RTN: < {report['experts'][0]['min_tokens']} "
+                     "routed tokens or no GPTQ factorisation, see quantsink_report.json)"))
     if report.get("decoder_float_fraction") is not None:
         kept = len(report["float_matrices"])
         rows.append(("decoder matrix elements in floating point", f"{100 * report['decoder_float_fraction']:.2f} % "
