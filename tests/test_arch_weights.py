@@ -16,7 +16,7 @@ import quantsink
 from quantsink.cli import main
 from quantsink.errors import QuantsinkError
 from quantsink.hf.arch import decoder_layers
-from quantsink.hf.capture import same_call
+from quantsink.hf.capture import capture_layer_calls, same_call
 from quantsink.hf.moe import experts_layout, find_experts
 from quantsink.weights.api import round_float_tensors_to_fp16
 from quantsink.weights.experts import QuantExperts
@@ -68,6 +68,9 @@ def test_sequential_pass_feeds_each_layer_what_the_model_gives_it(name: str) -> 
         assert len(want) == 1 and len(got) == 2  # the model's own call, the statistics pass
         for call in got:
             assert same_call(call, want[0]) <= 1e-5, (name, i)
+    hidden0, calls = capture_layer_calls(model, ids)
+    assert same_call(hidden0, ref[0][0][0][0]) == 0.0
+    assert all(same_call((c.args, c.kwargs), (r[0][0][1:], r[0][1])) == 0.0 for c, r in zip(calls, ref))
     if name in HYBRID:  # replaying layer 0's arguments would feed the global layer the wrong mask
         assert same_call(ref[0][0][1], ref[HYBRID[name]][0][1]) > 1e-3
 
