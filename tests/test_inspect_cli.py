@@ -31,7 +31,8 @@ def test_inspect_small_run(tmp_path: Path, calib_path: Path, capsys) -> None:
     assert report["model"] == "smollm2-135m" and report["num_layers"] == 30
     pos0 = next(r for r in report["sinks"]["positional"] if r["position"] == 0)
     assert len(pos0["layers"]) == len(pos0["mass"]) >= 15
-    assert set(report["sinks"]) == {"positional", "content"}
+    assert set(report["sinks"]) == {"positional", "content", "learned"}
+    assert report["sinks"]["learned"] == []  # SmolLM2 has no learned sink logits
     for row in report["sinks"]["content"]:
         assert {"token_id", "token", "layers", "mass"} <= row.keys()
     m507 = [r for r in report["massive_activations"] if r["channel"] == 507 and 0 in r["positions"]]

@@ -1,7 +1,8 @@
 """Tiny random-init decoders of every supported family (no downloads), for the matrix tests.
 
 ``build(name)`` returns an fp32 model in eval mode; ``ARCHS`` lists the supported families,
-``UNSUPPORTED`` the ones quantsink refuses with one line. Every model has hidden 64, 4 query
+``UNSUPPORTED`` the ones quantsink refuses with one line, ``MOE_EXTRA`` more MoE families
+(Qwen3-MoE, Qwen2-MoE, Mixtral: concatenated gate/up experts stored ``[E, out, in]``). Every model has hidden 64, 4 query
 and 2 KV heads, ``initializer_range=0.1`` (so attention is far from uniform) and a sliding
 window of 40 tokens where the family has one (shorter than the 96-token test sequences,
 longer than a 16-token fp16 window plus a 16-token key group, so that sliding layers attend
@@ -36,6 +37,14 @@ def _configs() -> dict:
         "gpt_oss": lambda: T.GptOssConfig(num_hidden_layers=2, head_dim=16, sliding_window=WINDOW,
                                           num_local_experts=4, num_experts_per_tok=2,
                                           **{**COMMON, "max_position_embeddings": 131072}),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(num_hidden_layers=2, head_dim=16, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=64,
+                                              decoder_sparse_step=1, **COMMON),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                              decoder_sparse_step=1, **COMMON),
+        "mixtral": lambda: T.MixtralConfig(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                           **COMMON),
         "cohere": lambda: T.CohereConfig(num_hidden_layers=2, logit_scale=1.0, **COMMON),
         "granite": lambda: T.GraniteConfig(num_hidden_layers=2, attention_multiplier=1 / 16, **COMMON),  # 1/head_dim, as released
         "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
@@ -49,6 +58,8 @@ def _configs() -> dict:
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt_oss",
          "cohere", "granite")
 UNSUPPORTED = ("gpt2", "falcon")
+MOE_EXTRA = ("qwen3_moe", "qwen2_moe", "mixtral")  # concatenated gate/up [E, out, in]; Qwen2-MoE
+# adds a shared expert (Linear layers) behind a Linear gate [1, H]
 
 
 def build(name: str, seed: int = 0, sink_logits: float = 1.5, **overrides: object) -> torch.nn.Module:
@@ -87,7 +98,7 @@ def cache_kwargs(model: torch.nn.Module, cache: object) -> dict:
 
 
 def char_tokenizer():
-    """A character-level tokenizer whose ids fit the tiny models' vocabulary (< 128)."""
+    """A character-level tokenizer whose ids fit ``VOCAB`` (printable ASCII and newline; specials 0-3)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -100,9 +111,11 @@ def char_tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
-def save(name: str, path, **build_kwargs: object):
-    """Save a tiny model of family ``name`` with :func:`char_tokenizer` into ``path``; returns it."""
-    model = build(name, **build_kwargs)
+def save(model: "torch.nn.Module | str", path, **build_kwargs: object) -> torch.nn.Module:
+    """Save ``model`` (or a new tiny model of family ``model``) with :func:`char_tokenizer` as a
+    Hugging Face directory; returns the model."""
+    if isinstance(model, str):
+        model = build(model, **build_kwargs)
     model.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return model

@@ -9,6 +9,11 @@
 - :mod:`~quantsink.hf.rope`: StreamingLLM's RoPE shift through the model's rotary embedding.
 - :mod:`~quantsink.hf.generate`: the default sink cache of ``generate`` / ``pipeline``.
 - :mod:`~quantsink.hf.cache_api`: the transformers ``Cache`` base classes the cache builds on.
+- :mod:`~quantsink.hf.capture`: every decoder layer's own call, recorded during one pass of
+  the unmodified model and replayed layer by layer.
+- :mod:`~quantsink.hf.moe`: the 3-D experts layouts (flags of ``use_experts_implementation``),
+  the eager experts loop with a pluggable per-expert product, routers.
+- :mod:`~quantsink.hf.support`: one check for the models quantsink can run.
 
 Importing this package imports transformers; ``import quantsink`` does not.
 """

@@ -24,6 +24,8 @@ class WeightConfig:
     ``diag(H)`` (GPTQ) or ``act_absmax**2`` (RTN); an unweighted search raised SmolLM2's
     RTN g128 perplexity (26.3 -> 29.2), a weighted one lowered GPTQ's (22.2 -> 21.3).
     GPTQ uses ``damp`` × mean(diag H) as Tikhonov damping and ``act_order`` (static groups).
+    MoE experts are quantized one by one, GPTQ on the tokens routed to each; an expert that
+    receives fewer than ``expert_min_tokens`` calibration tokens falls back to RTN (reported).
     """
 
     bits: int = 4
@@ -39,6 +41,7 @@ class WeightConfig:
     damp: float = 0.01
     act_order: bool = False
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    expert_min_tokens: int = 128
 
     def __post_init__(self) -> None:
         check(self.bits in SUPPORTED_WEIGHT_BITS,
@@ -58,3 +61,5 @@ class WeightConfig:
         check(0.0 < self.min_clip <= 1.0,
               f"weights.min_clip must be in (0, 1], got {self.min_clip}")
         check(0.0 < self.damp < 1.0, f"weights.damp must be in (0, 1), got {self.damp}")
+        check(self.expert_min_tokens >= 1,
+              f"weights.expert_min_tokens must be >= 1, got {self.expert_min_tokens}")

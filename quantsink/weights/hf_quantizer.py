@@ -8,6 +8,8 @@ shards. After loading, a checkpoint with a ``kv_cache`` section gets the default
 of :func:`quantsink.hf.generate.enable_default_cache`: ``generate`` (and ``pipeline``)
 builds the checkpoint's :class:`~quantsink.kv.cache.SinkQuantCache` with the calibrated
 sink map whenever the call brings no cache and no ``cache_implementation``.
+MoE experts modules listed there get :class:`~quantsink.weights.experts.QuantExperts` shells
+the same way (:func:`~quantsink.weights.experts_load.replace_experts_shells`).
 """
 from __future__ import annotations
 
@@ -49,12 +51,13 @@ class QuantsinkHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        from quantsink.weights.experts_load import replace_experts_shells
         from quantsink.weights.linear import QuantLinear
         from quantsink.weights.outliers import outlier_count
         from quantsink.weights.sequential import set_submodule
 
         w = self.quantization_config.weights or {}
-        for name in self.quantization_config.modules:
+        for name in replace_experts_shells(model, self.quantization_config.modules, w):
             mod = model.get_submodule(name)
             check(isinstance(mod, nn.Linear), f"checkpoint module {name!r} is not a Linear layer")
             k = outlier_count(int(w.get("outlier_channels", 0)), mod.in_features)
