@@ -16,6 +16,7 @@ DENSE_TILE = 16
 NUM_WARPS, NUM_STAGES = 4, 2  # untuned: no GPU was available when this was written
 CTAS_PER_SM = 2  # ~200 registers x 128 threads per program (ptxas, sm_90)
 MAX_VALUE_GROUPS = 16  # D // Gv; more repeats of each query row than this -> torch reference
+LOG2E = 1.4426950408889634
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -161,18 +162,43 @@ def pick_splits(geo: Geometry, programs: int, device: torch.device) -> int:
     return max(1, min(want, _cdiv(geo.tiles, 4), 128))
 
 
+@dataclass
+class Extras:
+    """Attention variants: learned sink logits, sliding window, softcap (see the reference)."""
+
+    sink_logits: torch.Tensor | None = None
+    sliding_window: int | None = None
+    softcap: float | None = None
+
+    def check(self, q: torch.Tensor) -> None:
+        Hq = q.shape[1]
+        sl = self.sink_logits
+        _require(sl is None or (sl.shape == (Hq,) and sl.is_floating_point() and sl.device == q.device),
+                 lambda: f"sink_logits must be a float [{Hq}] tensor on {q.device}, got "
+                         f"{None if sl is None else (tuple(sl.shape), sl.dtype, str(sl.device))}")
+        sw = self.sliding_window
+        _require(sw is None or (isinstance(sw, int) and sw >= 1),
+                 lambda: f"sliding_window must be an int >= 1 or None, got {sw!r}")
+        _require(self.softcap is None or self.softcap > 0,
+                 lambda: f"softcap must be > 0 or None, got {self.softcap!r}")
+
+
 def launch(kernel, reduce_kernel, interpret: bool, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
-           scale: float, key_mask=None, q_sink=None, num_splits: int | None = None) -> torch.Tensor:
+           scale: float, key_mask=None, q_sink=None, num_splits: int | None = None, sink_logits=None,
+           sliding_window=None, softcap=None) -> torch.Tensor:
     """Check, pick the geometry and run the split-K kernel (+ reduce); see ``sink_decode_attention``."""
     if q.device.type != "cuda" and not interpret:
         raise QuantsinkError(f"the triton backend needs CUDA tensors or TRITON_INTERPRET=1 set before "
                              f"triton is imported; got {q.device} tensors (use backend='torch')")
     check_inputs(q, sink_k, sink_v, body_k, body_v, win_k, win_v, key_mask, q_sink)
+    extras = Extras(sink_logits, sliding_window, softcap)
+    extras.check(q)
     if body_k is not None and body_k.num_tokens == 0:
         body_k = body_v = None
     D = q.shape[3]
     if unsupported(body_k, body_v, D) is not None:
-        return decode_attention_ref(q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale, key_mask, q_sink)
+        return decode_attention_ref(q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale, key_mask, q_sink,
+                                    sink_logits=sink_logits, sliding_window=sliding_window, softcap=softcap)
     check(not (interpret and torch.bfloat16 in (q.dtype, sink_k.dtype, win_k.dtype)),
           "bf16 does not run under TRITON_INTERPRET=1; use fp16/fp32 on CPU or a CUDA device")
     B, Hkv, S0, W = q.shape[0], sink_k.shape[1], sink_k.shape[2], win_k.shape[2]
@@ -183,7 +209,7 @@ def launch(kernel, reduce_kernel, interpret: bool, q, sink_k, sink_v, body_k, bo
     splits = num_splits or pick_splits(geo, B * Hkv * geo.m_blocks, q.device)
     splits = _cdiv(geo.tiles, _cdiv(geo.tiles, max(1, min(splits, geo.tiles))))
     return _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale,
-                key_mask, q_sink, geo, splits)
+                key_mask, q_sink, geo, splits, extras)
 
 
 def _body_args(q: torch.Tensor, body_k: PackedBlock | None, body_v: PackedBlock | None) -> list:
@@ -209,7 +235,7 @@ def _region(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
 
 
 def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale, key_mask,
-         q_sink, geo: Geometry, splits: int) -> torch.Tensor:
+         q_sink, geo: Geometry, splits: int, extras: Extras) -> torch.Tensor:
     B, Hq, Lq, D = q.shape
     Hkv, S0, W = sink_k.shape[1], sink_k.shape[2], win_k.shape[2]
     T = 0 if body_k is None else body_k.num_tokens
@@ -227,11 +253,14 @@ def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
     kbits = 4 if body_k is None else body_k.bits
     vbits = 4 if body_v is None else body_v.bits
     cdt = _TL_DTYPE[q.dtype]
+    sl = pm if extras.sink_logits is None else (extras.sink_logits.float() * LOG2E).contiguous()
+    sw = extras.sliding_window or 0
+    cap2 = 1.0 if extras.softcap is None else extras.softcap * LOG2E
     kernel[(B * Hkv, splits, geo.m_blocks)](
         q, qs, out, po, pm, pl, mask, 0 if key_mask is None else mask.stride(0),
-        *_region(q, sink_k, sink_v), *_region(q, win_k, win_v), *body,
-        Hkv, geo.R, r_pad, Lq, S0, T, 0 if body_k is None else body_k.offset, W, geo.gk, splits,
-        scale * 1.4426950408889634,
+        *_region(q, sink_k, sink_v), *_region(q, win_k, win_v), *body, sl,
+        Hkv, geo.R, r_pad, Lq, S0, T, 0 if body_k is None else body_k.offset, W, geo.gk, splits, sw,
+        scale * LOG2E, cap2,
         D=D, BLOCK_M=geo.block_m, NG=geo.ng, GV=geo.gv, BLOCK_N=geo.block_n, DENSE_N=geo.dense_n, KBITS=kbits,
         VBITS=vbits, VSYM=body_v is not None and body_v.zero is None,
         NOUT=0 if body_k is None or body_k.outlier_idx is None else body_k.outlier_idx.shape[3],
@@ -239,10 +268,11 @@ def _run(kernel, reduce_kernel, q, sink_k, sink_v, body_k, body_v, win_k, win_v,
         HAS_MASK=key_mask is not None,
         IS_CAUSAL=Lq > 1, SINGLE_SPLIT=splits == 1, CDT=cdt, EXP_TRICK=q.dtype == torch.float16,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", HILO=q.dtype != torch.float32,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        SLIDE=extras.sliding_window is not None, SOFTCAP=extras.softcap is not None,
+        SINKL=extras.sink_logits is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
         rb = 16
         reduce_kernel[(B * Hkv, _cdiv(geo.R, rb))](
-            out, po, pm, pl, geo.R, r_pad, splits, D=D, RB=rb,
-            SPLITS_P2=_pow2(splits), num_warps=4)
+            out, po, pm, pl, sl, geo.R, r_pad, splits, Hkv, Lq, D=D, RB=rb,
+            SPLITS_P2=_pow2(splits), SINKL=extras.sink_logits is not None, num_warps=4)
     return out

@@ -34,19 +34,35 @@ def _part(packed, I: tl.constexpr, BITS: tl.constexpr, CDT: tl.constexpr, EXP_TR
 
 
 @triton.jit
-def _key_ok(valid, pos, mask_base, limit, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Which keys each row may attend: [1 or MR, BLOCK_N] bool."""
+def _key_ok(valid, pos, mask_base, limit, SW, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            SLIDE: tl.constexpr):
+    """Which keys each row may attend: [1 or MR, BLOCK_N] bool.
+
+    ``limit`` is each row's own key index; with SLIDE, keys ``<= limit - SW`` are out of the
+    row's sliding window (callers pass SLIDE only for body and window tiles).
+    """
     ok = valid[None, :]
     if HAS_MASK:
         ok = ok & (tl.load(mask_base + pos, mask=valid, other=0) != 0)[None, :]
     if IS_CAUSAL:
         ok = ok & (pos[None, :] <= limit[:, None])
+    if SLIDE:
+        ok = ok & (pos[None, :] > (limit - SW)[:, None])
     return ok
 
 
 @triton.jit
-def _softmax_step(s, ok, m_i, l_i):
+def _softcap(s, cap2):
+    """``cap2 * tanh(s / cap2)`` (scores in base-2 units, so cap2 = softcap * log2(e))."""
+    y = s / cap2
+    return cap2 * (1.0 - 2.0 / (tl.exp2(y * 2.8853900817779268) + 1.0))  # tanh via exp2(2y log2 e)
+
+
+@triton.jit
+def _softmax_step(s, ok, m_i, l_i, cap2, SOFTCAP: tl.constexpr):
     """Online softmax in base 2; m_i starts finite so fully masked rows never give NaN."""
+    if SOFTCAP:
+        s = _softcap(s, cap2)
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -67,9 +83,9 @@ def _dense_pv(acc, alpha, p_hi, p, v_ptrs, valid, CDT: tl.constexpr, PREC: tl.co
 
 @triton.jit
 def _dense_tile(acc0, acc1, acc2, acc3, m_i, l_i, qc, qk_scale, k_base, v_base, stride_t, t0,
-                n_valid, pos0, mask_base, limit, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                BLOCK_N: tl.constexpr, D: tl.constexpr, VBITS: tl.constexpr, CDT: tl.constexpr,
-                PREC: tl.constexpr, HILO: tl.constexpr):
+                n_valid, pos0, mask_base, limit, SW, cap2, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                SLIDE: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                VBITS: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr, HILO: tl.constexpr):
     """One tile of an fp16/bf16/fp32 region (sinks or window) of ``n_valid`` tokens.
 
     ``qc`` is the unscaled query (exact in CDT); with HILO, p goes to the tensor cores as
@@ -80,8 +96,8 @@ def _dense_tile(acc0, acc1, acc2, acc3, m_i, l_i, qc, qk_scale, k_base, v_base, 
     rows = tok[:, None] * stride_t
     k = tl.load(k_base + rows + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0)
     s = tl.dot(qc, tl.trans(k.to(CDT)), input_precision=PREC) * qk_scale  # [MR, BLOCK_N]
-    ok = _key_ok(valid, pos0 + tok, mask_base, limit, HAS_MASK, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i)
+    ok = _key_ok(valid, pos0 + tok, mask_base, limit, SW, HAS_MASK, IS_CAUSAL, SLIDE)
+    p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i, cap2, SOFTCAP)
     p_hi = p.to(CDT)
     PV: tl.constexpr = D * VBITS // 8
     cols = tl.arange(0, PV)[None, :]
@@ -153,8 +169,9 @@ def _outlier_scores(s, qv0, qv1, qv2, qv3, oi_base, od_base, slot, D: tl.constex
 @triton.jit
 def _body_tile(acc0, acc1, acc2, acc3, zacc, m_i, l_i, qv0, qv1, qv2, qv3, tb, kc_base, kc_st,
                ks_base, kz_base, ks_sg, vc_base, vc_st, vs_base, vz_base, vs_st, oi_base, od_base,
-               o_sg, pos0, gsel, mask_base, limit, GK, OFF, HAS_MASK: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+               o_sg, pos0, gsel, mask_base, limit, GK, OFF, SW, cap2, HAS_MASK: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, SLIDE: tl.constexpr, SOFTCAP: tl.constexpr, MR: tl.constexpr,
+               BLOCK_N: tl.constexpr, D: tl.constexpr,
                KBITS: tl.constexpr, VBITS: tl.constexpr, VSYM: tl.constexpr, NOUT: tl.constexpr,
                CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr):
     """One tile of the packed body: key scales folded into q, value scales into p.
@@ -173,8 +190,8 @@ def _body_tile(acc0, acc1, acc2, acc3, zacc, m_i, l_i, qv0, qv1, qv2, qv3, tb, k
         slot = (tb * BLOCK_N) % GK + tl.arange(0, BLOCK_N)
         s = _outlier_scores(s, qv0, qv1, qv2, qv3, oi_base + grp * o_sg, od_base + grp * o_sg, slot, D,
                             KBITS, NOUT, BLOCK_N, CDT, PREC)
-    ok = _key_ok(real, pos0 + tok, mask_base, limit, HAS_MASK, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i)
+    ok = _key_ok(real, pos0 + tok, mask_base, limit, SW, HAS_MASK, IS_CAUSAL, SLIDE)
+    p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i, cap2, SOFTCAP)
     vs = tl.load(vs_base + tok[None, :] * vs_st + gsel[:, None], mask=real[None, :], other=0.0)
     vs = vs.to(tl.float32)
     pv = (p * vs).to(CDT)  # [MR, BLOCK_N]: row (m, g) carries value group g's scales
@@ -212,13 +229,25 @@ def _store_part(acc, I: tl.constexpr, l_o, out_ptr, po_ptr, out_row, part_row, R
 
 
 @triton.jit
-def _store(acc0, acc1, acc2, acc3, m_i, l_i, out_ptr, po_ptr, pm_ptr, pl_ptr, bh, split, pid_m, R,
-           R_PAD, SPLITS, D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr, GV: tl.constexpr,
-           VBITS: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
-    """Write the output (one split) or this split's (acc, m, l); m and l agree across repeats."""
+def _sink_logit2(sl_ptr, bh, rows, R, Hkv, Lq):
+    """Learned sink logit (base 2) of each query row of KV head ``bh % Hkv``."""
+    head = (bh % Hkv) * (R // Lq) + rows // Lq  # rows are (query head in the group, query)
+    return tl.load(sl_ptr + head, mask=rows < R, other=float("-inf"))
+
+
+@triton.jit
+def _store(acc0, acc1, acc2, acc3, m_i, l_i, out_ptr, po_ptr, pm_ptr, pl_ptr, sl_ptr, bh, split, pid_m, R,
+           R_PAD, SPLITS, Hkv, Lq, D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr,
+           GV: tl.constexpr, VBITS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINKL: tl.constexpr):
+    """Write the output (one split) or this split's (acc, m, l); m and l agree across repeats.
+
+    With SINKL (one split), each row's learned sink logit joins its softmax denominator.
+    """
     m_o = tl.max(tl.reshape(m_i, (BLOCK_M, NG)), 1)
     l_o = tl.max(tl.reshape(l_i, (BLOCK_M, NG)), 1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if SINKL and SINGLE_SPLIT:
+        l_o += tl.exp2(_sink_logit2(sl_ptr, bh, rows, R, Hkv, Lq) - m_o)  # overflow -> inf -> output 0
     out_row = bh * R + rows
     part_row = (bh * SPLITS + split) * R_PAD + rows
     PV: tl.constexpr = D * VBITS // 8

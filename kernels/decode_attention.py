@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from quantsink.kernels._decode_launch import launch
-from quantsink.kernels._decode_tiles import _body_tile, _dense_tile, _store
+from quantsink.kernels._decode_tiles import _body_tile, _dense_tile, _sink_logit2, _store
 from quantsink.kv.primitives import PackedBlock
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton.jit at decoration
@@ -67,16 +67,19 @@ def _sink_decode_attention_kernel(
         sk_ptr, sv_ptr, s_sb, s_sh, s_st, wk_ptr, wv_ptr, w_sb, w_sh, w_st,
         kc_ptr, kc_sb, kc_sh, kc_st, ks_ptr, kz_ptr, ks_sb, ks_sh, ks_sg,
         vc_ptr, vc_sb, vc_sh, vc_st, vs_ptr, vz_ptr, vs_sb, vs_sh, vs_st,
-        oi_ptr, od_ptr, o_sb, o_sh, o_sg, Hkv, R, R_PAD, Lq, S0, T, OFF, W, GK, SPLITS, qk_scale,
+        oi_ptr, od_ptr, o_sb, o_sh, o_sg, sl_ptr, Hkv, R, R_PAD, Lq, S0, T, OFF, W, GK, SPLITS, SW,
+        qk_scale, cap2,
         D: tl.constexpr, BLOCK_M: tl.constexpr, NG: tl.constexpr, GV: tl.constexpr,
         BLOCK_N: tl.constexpr, DENSE_N: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
         VSYM: tl.constexpr, NOUT: tl.constexpr, HAS_BODY: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
         SINGLE_SPLIT: tl.constexpr, CDT: tl.constexpr, EXP_TRICK: tl.constexpr, PREC: tl.constexpr,
-        HILO: tl.constexpr):
+        HILO: tl.constexpr, SLIDE: tl.constexpr, SOFTCAP: tl.constexpr, SINKL: tl.constexpr):
     """Program (KV head of a sequence, split, query-row block): online softmax over its tiles.
 
     Rows ``r`` of every tile are (query row ``r // NG``, value group ``r % NG``); tiles are
-    numbered sinks, body, window and split evenly; ``_store`` writes the result.
+    numbered sinks, body, window and split evenly; ``_store`` writes the result. SLIDE masks
+    body/window keys outside each row's sliding window of SW keys (sinks stay visible);
+    SOFTCAP caps the scores; SINKL adds learned sink logits to the denominators.
     """
     bh, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (bh // Hkv).to(tl.int64), (bh % Hkv).to(tl.int64)  # int64: caches can exceed 2 GiB
@@ -100,8 +103,8 @@ def _sink_decode_attention_kernel(
     for t in range(lo, tl.minimum(hi, n_s)):  # fp16 sinks, own query
         acc0, acc1, acc2, acc3, m_i, l_i = _dense_tile(
             acc0, acc1, acc2, acc3, m_i, l_i, qsc, qk_scale, sk_ptr + b * s_sb + h * s_sh,
-            sv_ptr + b * s_sb + h * s_sh, s_st, t * DENSE_N, S0, 0, mask_base, limit, HAS_MASK,
-            IS_CAUSAL, DENSE_N, D, VBITS, CDT, PREC, HILO)
+            sv_ptr + b * s_sb + h * s_sh, s_st, t * DENSE_N, S0, 0, mask_base, limit, SW, cap2, HAS_MASK,
+            IS_CAUSAL, False, SOFTCAP, DENSE_N, D, VBITS, CDT, PREC, HILO)
     if HAS_BODY:
         for t in range(tl.maximum(lo, n_s), tl.minimum(hi, n_s + n_b)):  # packed body
             acc0, acc1, acc2, acc3, zacc, m_i, l_i = _body_tile(
@@ -110,23 +113,24 @@ def _sink_decode_attention_kernel(
                 kz_ptr + b * ks_sb + h * ks_sh, ks_sg, vc_ptr + b * vc_sb + h * vc_sh, vc_st,
                 vs_ptr + b * vs_sb + h * vs_sh, vz_ptr + b * vs_sb + h * vs_sh, vs_st,
                 oi_ptr + b * o_sb + h * o_sh, od_ptr + b * o_sb + h * o_sh, o_sg, S0, gsel,
-                mask_base, limit, GK, OFF, HAS_MASK, IS_CAUSAL, MR, BLOCK_N, D, KBITS, VBITS, VSYM, NOUT,
-                CDT, EXP_TRICK, PREC)
+                mask_base, limit, GK, OFF, SW, cap2, HAS_MASK, IS_CAUSAL, SLIDE, SOFTCAP, MR, BLOCK_N, D,
+                KBITS, VBITS, VSYM, NOUT, CDT, EXP_TRICK, PREC)
         acc0, acc1 = acc0 + zacc[:, None], acc1 + zacc[:, None]  # the window tiles rescale acc only
         acc2, acc3 = acc2 + zacc[:, None], acc3 + zacc[:, None]
     for t in range(tl.maximum(lo, n_s + n_b), hi):  # fp16 window
         acc0, acc1, acc2, acc3, m_i, l_i = _dense_tile(
             acc0, acc1, acc2, acc3, m_i, l_i, qc, qk_scale, wk_ptr + b * w_sb + h * w_sh,
             wv_ptr + b * w_sb + h * w_sh, w_st, (t - n_s - n_b) * DENSE_N, W, S0 + T, mask_base,
-            limit, HAS_MASK, IS_CAUSAL, DENSE_N, D, VBITS, CDT, PREC, HILO)
-    _store(acc0, acc1, acc2, acc3, m_i, l_i, out_ptr, po_ptr, pm_ptr, pl_ptr, bh, split, pid_m, R,
-           R_PAD, SPLITS, D, BLOCK_M, NG, GV, VBITS, SINGLE_SPLIT)
+            limit, SW, cap2, HAS_MASK, IS_CAUSAL, SLIDE, SOFTCAP, DENSE_N, D, VBITS, CDT, PREC, HILO)
+    _store(acc0, acc1, acc2, acc3, m_i, l_i, out_ptr, po_ptr, pm_ptr, pl_ptr, sl_ptr, bh, split, pid_m, R,
+           R_PAD, SPLITS, Hkv, Lq, D, BLOCK_M, NG, GV, VBITS, SINGLE_SPLIT, SINKL)
 
 
 @triton.jit
-def _reduce_kernel(out_ptr, po_ptr, pm_ptr, pl_ptr, R, R_PAD, SPLITS,
-                   D: tl.constexpr, RB: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """Merge the per-split (m, l, unnormalized acc) of rows [pid*RB, ...) of one KV head."""
+def _reduce_kernel(out_ptr, po_ptr, pm_ptr, pl_ptr, sl_ptr, R, R_PAD, SPLITS, Hkv, Lq,
+                   D: tl.constexpr, RB: tl.constexpr, SPLITS_P2: tl.constexpr, SINKL: tl.constexpr):
+    """Merge the per-split (m, l, unnormalized acc) of rows [pid*RB, ...) of one KV head
+    (with SINKL, each row's learned sink logit joins the denominator)."""
     bh, pid = tl.program_id(0), tl.program_id(1)
     rows = pid * RB + tl.arange(0, RB)
     sp = tl.arange(0, SPLITS_P2)
@@ -135,6 +139,8 @@ def _reduce_kernel(out_ptr, po_ptr, pm_ptr, pl_ptr, R, R_PAD, SPLITS,
     m = tl.load(pm_ptr + st, mask=live, other=-1.0e30)  # as the kernel's start value
     m_max = tl.max(m, 0)
     l_sum = tl.sum(tl.exp2(m - m_max[None, :]) * tl.load(pl_ptr + st, mask=live, other=0.0), 0)
+    if SINKL:
+        l_sum += tl.exp2(_sink_logit2(sl_ptr, bh, rows, R, Hkv, Lq) - m_max)
     acc = tl.zeros([RB, D], dtype=tl.float32)
     cols = tl.arange(0, D)
     for s in range(SPLITS):
@@ -151,7 +157,10 @@ def sink_decode_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.T
                           body_k: PackedBlock | None, body_v: PackedBlock | None,
                           win_k: torch.Tensor, win_v: torch.Tensor, scale: float,
                           key_mask: torch.Tensor | None = None,
-                          q_sink: torch.Tensor | None = None) -> torch.Tensor:
+                          q_sink: torch.Tensor | None = None, *,
+                          sink_logits: torch.Tensor | None = None,
+                          sliding_window: int | None = None,
+                          softcap: float | None = None) -> torch.Tensor:
     """Triton version of :func:`quantsink.kv.attention.decode_attention_ref` (same signature).
 
     Returns ``[B, Hq, Lq, D]`` in ``q.dtype``.
@@ -161,15 +170,19 @@ def sink_decode_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.T
     - Any length in every region (empty sinks, body or window, sinks only); ``key_mask``
       ``[B, S]`` for per-sequence lengths; ``q_sink`` for the sink region.
     - ``Lq > 1``: causal in the kernel (query ``i`` sees keys ``<= S - Lq + i``).
+    - ``sink_logits [Hq]`` (learned sinks), ``sliding_window`` (over body and window keys) and
+      ``softcap`` as in the reference.
     - Falls back to the torch reference (same result) when the key group size is not a
       multiple of 16 or a head has more than 16 value groups.
     - CPU tensors need ``TRITON_INTERPRET=1`` set before triton is imported (no bf16 there).
 
     Raises :class:`~quantsink.errors.QuantsinkError` on inputs that break the contract.
     """
-    return _attention(q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale, key_mask, q_sink)
+    return _attention(q, sink_k, sink_v, body_k, body_v, win_k, win_v, scale, key_mask, q_sink,
+                      sink_logits=sink_logits, sliding_window=sliding_window, softcap=softcap)
 
 
-def _attention(*args, num_splits: int | None = None) -> torch.Tensor:
+def _attention(*args, num_splits: int | None = None, **extras) -> torch.Tensor:
     """:func:`sink_decode_attention` with the split-K count forced (tests, benchmarks)."""
-    return launch(_sink_decode_attention_kernel, _reduce_kernel, INTERPRET, *args, num_splits=num_splits)
+    return launch(_sink_decode_attention_kernel, _reduce_kernel, INTERPRET, *args, num_splits=num_splits,
+                  **extras)

@@ -30,6 +30,7 @@ _EXPORTS = {
     "quantize": "quantsink.weights.api",
     "quantize_": "quantsink.weights.api",
     "load": "quantsink.weights.api",
+    "export": "quantsink.weights.export",
 }
 
 __all__ = sorted(_EXPORTS)

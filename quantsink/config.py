@@ -8,6 +8,7 @@ are rejected, so a typo is an error instead of a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -44,8 +45,9 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None
         if value is None:
+            check(type(None) in args, f"{where}: expected a value, got null")
             return None
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -127,21 +129,43 @@ def load_recipe(spec: "str | Path | Recipe | Mapping[str, Any]") -> Recipe:
     if isinstance(spec, Recipe):
         return spec
     if isinstance(spec, Mapping):
-        return Recipe.from_dict(spec)
+        return _with_sections(Recipe.from_dict(spec), "recipe")
     text, where = _recipe_text(str(spec))
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
-        raise QuantsinkError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        detail = " ".join(str(exc).replace('in "<unicode string>", ', "").split())[:160]
+        raise QuantsinkError(f"{where}: not valid YAML ({detail}); allowed: a YAML mapping with unique keys "
+                             "(see the shipped recipes)") from None
     check(isinstance(data, dict), f"{where}: a recipe must be a YAML mapping")
-    return Recipe.from_dict(data, where)
+    return _with_sections(Recipe.from_dict(data, where), where)
+
+
+def _with_sections(recipe: Recipe, where: str) -> Recipe:
+    check(recipe.weights is not None or recipe.kv_cache is not None,
+          f"{where}: the recipe has neither a weights nor a kv_cache section; allowed: at least one")
+    return recipe
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _recipe_text(spec: str) -> tuple[str, str]:
-    if spec.endswith((".yaml", ".yml")) or "/" in spec:
-        path = Path(spec)
-        check(path.is_file(), f"recipe file {spec!r} does not exist")
-        return path.read_text(encoding="utf-8"), path.name
+    if spec.endswith((".yaml", ".yml")) or "/" in spec or Path(spec).exists():
+        from quantsink.io import read_text
+
+        return read_text(spec, "recipe file", "a YAML recipe file or a shipped recipe name"), Path(spec).name
     names = available_recipes()
     check(spec in names, f"unknown recipe {spec!r}; available: {', '.join(names)}")
     return resources.files("quantsink.recipes").joinpath(f"{spec}.yaml").read_text("utf-8"), spec

@@ -13,50 +13,67 @@ from typing import Any
 import torch
 
 from quantsink.errors import QuantsinkError, check
+from quantsink.io import existing_file, read_text
 
 TEXT_SUFFIXES = (".txt", ".raw", ".text")
 ALLOWED = "a .txt/.raw file, a .jsonl file with a 'text' field, a .parquet file, or a dataset name"
 
 
-def load_text(source: str | Path) -> str:
-    """Read the whole corpus behind ``source`` as one string."""
+def load_text(source: str | Path, what: str = "calibration data") -> str:
+    """Read the whole corpus behind ``source`` as one string (``what`` names it in errors)."""
     path = Path(source).expanduser()
-    if path.is_file():
-        text = _read_file(path)
-    elif path.exists() or str(source).endswith(TEXT_SUFFIXES + (".jsonl", ".parquet")):
-        raise QuantsinkError(f"calibration data {str(source)!r} is not a readable file; allowed: {ALLOWED}")
+    if path.exists() or str(source).endswith(TEXT_SUFFIXES + (".jsonl", ".parquet")):
+        text = _read_file(existing_file(path, what, ALLOWED), what)
     else:
-        text = _read_dataset(str(source))
-    check(bool(text.strip()), f"calibration data {str(source)!r} is empty; allowed: {ALLOWED}")
+        text = _read_dataset(str(source), what)
+    check(bool(text.strip()), f"{what} {str(source)!r} is empty; allowed: {ALLOWED}")
     return text
 
 
-def _read_file(path: Path) -> str:
+def _read_file(path: Path, what: str) -> str:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        return path.read_text(encoding="utf-8")
+        return read_text(path, what, ALLOWED)
     if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise QuantsinkError(f"{path.name} line {n}: expected a JSON object with a 'text' "
-                                     "field") from None
-        return "\n\n".join(rows)
+        return _read_jsonl(path, what)
     if suffix == ".parquet":
-        import pyarrow.parquet as pq  # optional, comes with `datasets`
-
-        table = pq.read_table(path, columns=["text"])
-        return "\n\n".join(str(t) for t in table.column("text").to_pylist() if t)
-    raise QuantsinkError(f"unsupported data file {path.name!r}; allowed: {ALLOWED}")
+        return _read_parquet(path, what)
+    raise QuantsinkError(f"unsupported {what} file {path.name!r}; allowed: {ALLOWED}")
 
 
-def _read_dataset(name: str) -> str:
+def _read_jsonl(path: Path, what: str) -> str:
+    rows = []
+    for n, line in enumerate(read_text(path, what, ALLOWED).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        check(isinstance(row, dict) and isinstance(row.get("text"), str),
+              f"{what} {path.name} line {n}: expected a JSON object with a string 'text' field")
+        rows.append(row["text"])
+    return "\n\n".join(rows)
+
+
+def _read_parquet(path: Path, what: str) -> str:
+    check(importlib.util.find_spec("pyarrow") is not None,
+          f"reading {what} {path.name!r} needs pyarrow (pip install 'quantsink[datasets]'); allowed: {ALLOWED}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise QuantsinkError(f"{what} {path.name!r} is not a readable parquet file ({str(exc)[:100]})") from None
+    check("text" in table.column_names, f"{what} {path.name!r} has no 'text' column (columns: "
+                                        f"{table.column_names[:8]}); allowed: {ALLOWED}")
+    return "\n\n".join(str(t) for t in table.column("text").to_pylist() if t)
+
+
+def _read_dataset(name: str, what: str) -> str:
     check(importlib.util.find_spec("datasets") is not None,
-          f"{name!r} is not a file, and reading a dataset by name needs `datasets` "
+          f"{what} {name!r} is not a file, and reading a dataset by name needs `datasets` "
           "(pip install 'quantsink[datasets]'); allowed: " + ALLOWED)
     import datasets
 
@@ -65,7 +82,7 @@ def _read_dataset(name: str) -> str:
         ds = datasets.load_dataset(repo, config or None, split="train")
     except Exception as exc:  # noqa: BLE001  (datasets raises many types; report one line)
         raise QuantsinkError(f"could not load dataset {name!r}: {str(exc).splitlines()[0][:160]}") from None
-    check("text" in ds.column_names, f"dataset {name!r} has no 'text' column")
+    check("text" in ds.column_names, f"{what}: dataset {name!r} has no 'text' column")
     return "\n\n".join(t for t in ds["text"] if t)
 
 
@@ -95,5 +112,5 @@ def calibration_windows(tokenizer: Any, source: str | Path, samples: int = 16,
 
 def eval_tokens(tokenizer: Any, source: str | Path, max_tokens: int | None = None) -> torch.Tensor:
     """The first ``max_tokens`` token ids of ``source`` (all of them when None)."""
-    ids = tokenize(tokenizer, load_text(source))
+    ids = tokenize(tokenizer, load_text(source, "evaluation data"))
     return ids if max_tokens is None else ids[:max_tokens]

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from quantsink.errors import check
+from quantsink.hf.forward import cache_kwargs
+
 
 @torch.no_grad()
 def window_nll(model: Any, window: torch.Tensor, cache: Any = None) -> tuple[float, int]:
@@ -27,7 +30,7 @@ def window_nll(model: Any, window: torch.Tensor, cache: Any = None) -> tuple[flo
     if cache is None:
         logits = model(ids, use_cache=False).logits[0, :-1].float()  # [L-1, V]
     else:
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, :-1].float()
+        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
     return nll.item(), ids.shape[1] - 1
 
@@ -41,9 +44,10 @@ def perplexity(model: Any, tokens: torch.Tensor, ctx: int = 2048, progress: bool
     model's own fp cache is used and ``kv_avg_bits`` is the bit width of the model dtype.
     A trailing partial window shorter than ``ctx`` is dropped.
     """
+    check(ctx >= 2, f"the evaluation window must be >= 2 tokens, got {ctx}")
     n_windows = tokens.numel() // ctx
-    if n_windows == 0:
-        raise ValueError(f"need at least {ctx} tokens for one window, got {tokens.numel()}")
+    check(n_windows > 0, f"need at least {ctx} tokens for one evaluation window, got {tokens.numel()}; "
+                         "allowed: a longer text or a shorter window")
     make_cache = _cache_factory(model, kv, sink_map)
     total, count, bits = 0.0, 0, []
     for i in tqdm(range(n_windows), desc=desc, disable=not progress, leave=False):
@@ -51,6 +55,8 @@ def perplexity(model: Any, tokens: torch.Tensor, ctx: int = 2048, progress: bool
         nll, n = window_nll(model, tokens[i * ctx:(i + 1) * ctx], cache)
         total, count = total + nll, count + n
         bits.append(cache.avg_bits() if cache is not None else 8.0 * model.dtype.itemsize)
+    check(math.isfinite(total), f"the model's loss is not finite ({total}) on these {n_windows * ctx} tokens: "
+                                "its weights or activations hold NaN/Inf; allowed: a model with finite outputs")
     return {"ppl": math.exp(total / count), "tokens": n_windows * ctx,
             "kv_avg_bits": sum(bits) / len(bits)}
 
@@ -61,5 +67,4 @@ def _cache_factory(model: Any, kv: Any, sink_map: Any):
     from quantsink.kv.cache import SinkQuantCache, resolve_kv_config
 
     config = resolve_kv_config(kv)
-    layers = model.config.get_text_config().num_hidden_layers
-    return lambda: SinkQuantCache(config, layers, sink_map=sink_map, backend="torch").attach(model)
+    return lambda: SinkQuantCache.from_recipe(model, config, sink_map=sink_map, backend="torch")

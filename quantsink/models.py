@@ -17,6 +17,7 @@ import torch
 
 from quantsink._fs import staged_dir
 from quantsink.errors import QuantsinkError, check
+from quantsink.io import check_gguf, check_safetensors, read_json
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {
@@ -55,6 +56,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     if path.is_file():
         check(path.suffix == ".gguf", f"model file {str(path)!r} is not a .gguf; allowed: a .gguf "
                                       "file, a directory with safetensors, or an alias")
+        check_gguf(path)
         path = _gguf_to_hf(path)
     return _load_hf_dir(path, dtype, device)
 
@@ -137,10 +139,19 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def _check_weights(path: Path) -> bool:
-    """True for safetensors weights; False for ``*.bin`` that pass a ``weights_only`` load."""
+    """True for safetensors weights; False for ``*.bin`` that pass a ``weights_only`` load.
+
+    ``config.json`` must be a JSON object and every safetensors file intact (header and size),
+    so that a broken checkpoint is one line instead of a loader traceback.
+    """
     check((path / "config.json").is_file(), f"directory {str(path)!r} has no config.json; allowed: "
                                             "a Hugging Face model directory or a .gguf file")
-    if list(path.glob("*.safetensors")):
+    config = read_json(path / "config.json", "model config", "a Hugging Face config.json")
+    check(isinstance(config, dict), f"model config {str(path / 'config.json')!r} is not a JSON object")
+    shards = sorted(path.glob("*.safetensors"))
+    for shard in shards:
+        check_safetensors(shard, "model weights")
+    if shards:
         return True
     bins = sorted(path.glob("*.bin"))
     check(bool(bins), f"directory {str(path)!r} has no weights; allowed: *.safetensors, "

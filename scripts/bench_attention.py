@@ -234,9 +234,8 @@ def fill(cache, cfg, B, S, device, dtype, quant: bool) -> None:
         v = torch.randn_like(k)
         if quant:
             layer = cache.layers[i]
-            layer.set_sinks(cache.positional)
-            layer.update(k, v)
-            layer.finish()
+            layer.set_sinks(cache.tokens.positional)
+            layer.append(k, v)
         else:
             cache.update(k, v, i)
         del k, v
@@ -246,6 +245,8 @@ def decode_ms(model, cache, B, steps, device, flash: bool) -> float:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from quantsink.hf.forward import cache_kwargs
+
     tok = torch.randint(0, model.config.vocab_size, (B, 1), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     forced = sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if flash else contextlib.nullcontext()
@@ -254,7 +255,7 @@ def decode_ms(model, cache, B, steps, device, flash: bool) -> float:
             if i == 3:
                 sync()
                 t0 = time.perf_counter()
-            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
         sync()
     return 1e3 * (time.perf_counter() - t0) / max(steps, 1)
 

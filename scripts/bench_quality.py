@@ -29,6 +29,7 @@ from quantsink.data import eval_tokens
 from quantsink.eval import perplexity
 from quantsink.kv.cache import SinkQuantCache, resolve_kv_config
 from quantsink.models import load_model
+from quantsink.hf.forward import cache_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -87,7 +88,7 @@ def stream_nll(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     nll, prev = [], None
     for a in tqdm(range(0, ids.numel(), chunk), desc="stream", leave=False):
         x = ids[a:a + chunk][None]
-        logits = model(x, past_key_values=cache, use_cache=True).logits[0].float()
+        logits = model(x, **cache_kwargs(model, cache), use_cache=True).logits[0].float()
         lp = torch.log_softmax(logits, -1)
         if prev is not None:
             nll.append(-prev[x[0, 0]].view(1))
@@ -191,7 +192,7 @@ def run_generation(args: argparse.Namespace, store: dict, model, tok) -> None:
     n_new, start = 64, batch.input_ids.shape[1]
 
     def greedy(cache):
-        out = model.generate(**batch, past_key_values=cache, max_new_tokens=n_new, do_sample=False,
+        out = model.generate(**batch, **cache_kwargs(model, cache), max_new_tokens=n_new, do_sample=False,
                              min_new_tokens=n_new, pad_token_id=tok.pad_token_id)
         return out[:, start:]
 

@@ -13,7 +13,7 @@ def test_shipped_recipes_load():
 
 @pytest.mark.parametrize("doc, fragment", [
     ({"kv_cache": {"key_bits": 5}}, "allowed: [2, 4, 8]"),
-    ({"kv_cache": {"key_group_size": 0}}, "positive"),
+    ({"kv_cache": {"key_group_size": 0}}, "must be in 1..1024"),
     ({"kv_cache": {"window": 10, "key_group_size": 64}}, "shorter than one key group"),
     ({"weights": {"bits": 5}}, "allowed: [4, 8]"),
     ({"weights": {"group_size": 0}}, "allowed: [32, 64, 128]"),

@@ -43,7 +43,7 @@ def test_jsonl_text_field(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n\n", encoding="utf-8")
     assert load_text(tmp_path / "d.jsonl") == "first doc\n\nsecond doc"
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
-    with pytest.raises(QuantsinkError, match="line 2: expected a JSON object with a 'text' field"):
+    with pytest.raises(QuantsinkError, match="line 2: expected a JSON object with a string 'text' field"):
         load_text(tmp_path / "bad.jsonl")
 
 
@@ -61,12 +61,12 @@ def test_empty_missing_and_unsupported(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
     with pytest.raises(QuantsinkError, match="is empty; allowed"):
         load_text(tmp_path / "empty.txt")
-    with pytest.raises(QuantsinkError, match="not a readable file; allowed"):
+    with pytest.raises(QuantsinkError, match="does not exist; allowed"):
         load_text(tmp_path / "missing.txt")
-    with pytest.raises(QuantsinkError, match="not a readable file"):
+    with pytest.raises(QuantsinkError, match="is a directory; allowed"):
         load_text(tmp_path)  # a directory
     (tmp_path / "x.csv").write_text("a,b", encoding="utf-8")
-    with pytest.raises(QuantsinkError, match="unsupported data file 'x.csv'; allowed"):
+    with pytest.raises(QuantsinkError, match="unsupported calibration data file 'x.csv'; allowed"):
         load_text(tmp_path / "x.csv")
 
 

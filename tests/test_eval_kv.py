@@ -9,6 +9,7 @@ from quantsink.cli import main
 from quantsink.data import eval_tokens
 from quantsink.eval import perplexity
 from quantsink.kv.config import KVConfig
+from quantsink.hf.forward import cache_kwargs
 
 pytestmark = pytest.mark.model
 
@@ -64,7 +65,7 @@ def test_content_sinks_on_the_real_model(smollm, test_path) -> None:
     cache = SinkQuantCache.from_recipe(model, cfg, sink_map=SinkMap(positional=[0, 1, 2, 3],
                                                                      content_token_ids=[the]))
     with torch.no_grad():
-        model(ids[None], past_key_values=cache)
+        model(ids[None], **cache_kwargs(model, cache))
     first = int((ids == the).nonzero()[0, 0])
     assert cache.layers[5].sink_pos == [0, 1, 2, 3, first]
     plain = perplexity(model, ids, 256, progress=False, kv=dataclasses.replace(cfg, content_sinks=False))

@@ -31,7 +31,8 @@ def test_inspect_small_run(tmp_path: Path, calib_path: Path, capsys) -> None:
     assert report["model"] == "smollm2-135m" and report["num_layers"] == 30
     pos0 = next(r for r in report["sinks"]["positional"] if r["position"] == 0)
     assert len(pos0["layers"]) == len(pos0["mass"]) >= 15
-    assert set(report["sinks"]) == {"positional", "content"}
+    assert set(report["sinks"]) == {"positional", "content", "learned"}
+    assert report["sinks"]["learned"] == []  # SmolLM2 has no learned sink logits
     for row in report["sinks"]["content"]:
         assert {"token_id", "token", "layers", "mass"} <= row.keys()
     m507 = [r for r in report["massive_activations"] if r["channel"] == 507 and 0 in r["positions"]]
@@ -64,7 +65,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "seq len 1": (["--calib-seq-len", "1"], "--calib-seq-len must be >= 2, got 1"),
         "empty calib": (["--calib", str(tmp_path / "empty.txt")], "is empty; allowed"),
         "short calib": (["--calib", str(tmp_path / "short.txt")], "shorter than one window of 512; allowed"),
-        "missing calib": (["--calib", str(tmp_path / "nope.txt")], "not a readable file; allowed"),
+        "missing calib": (["--calib", str(tmp_path / "nope.txt")], "does not exist; allowed"),
     }
 
 

@@ -13,14 +13,15 @@ import sys
 import pytest
 
 CONFIGS = [  # (head_dim, key bits, value bits, value groups, block_m, dtype, causal, single split,
-    #          symmetric values, key outliers)
-    (128, 4, 4, 2, 8, "fp16", False, False, False, 0),
-    (64, 2, 8, 1, 16, "bf16", True, True, False, 0),
-    (64, 2, 2, 1, 16, "fp16", False, False, True, 2),  # the kv-int2-sink layout
+    #          symmetric values, key outliers, sliding window / softcap / learned sinks)
+    (128, 4, 4, 2, 8, "fp16", False, False, False, 0, False),
+    (64, 2, 8, 1, 16, "bf16", True, True, False, 0, False),
+    (64, 2, 2, 1, 16, "fp16", False, False, True, 2, False),  # the kv-int2-sink layout
+    (64, 4, 4, 1, 16, "bf16", False, True, True, 0, True),  # GPT-OSS / Gemma 2 variants
 ]
 
 
-def compile_for_sm90(D, kbits, vbits, ng, block_m, dt, causal, single, vsym, nout) -> int:
+def compile_for_sm90(D, kbits, vbits, ng, block_m, dt, causal, single, vsym, nout, variants) -> int:
     """Compile the main kernel (and the reduce) for sm_90; return the shared memory used."""
     import triton
     import triton.language as tl
@@ -32,17 +33,18 @@ def compile_for_sm90(D, kbits, vbits, ng, block_m, dt, causal, single, vsym, nou
     cdt = {"fp16": tl.float16, "bf16": tl.bfloat16}[dt]
     consts = dict(D=D, BLOCK_M=block_m, NG=ng, GV=D // ng, BLOCK_N=64, DENSE_N=16, KBITS=kbits, VBITS=vbits,
                   HAS_BODY=True, HAS_MASK=True, IS_CAUSAL=causal, SINGLE_SPLIT=single, CDT=cdt,
-                  EXP_TRICK=dt == "fp16", PREC="tf32", HILO=True, VSYM=vsym, NOUT=nout)
+                  EXP_TRICK=dt == "fp16", PREC="tf32", HILO=True, VSYM=vsym, NOUT=nout,
+                  SLIDE=variants, SOFTCAP=variants, SINKL=variants)
     fn = mod._sink_decode_attention_kernel
     ptrs = {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "mask_ptr": "*u8", "kc_ptr": "*u8",
             "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vs_ptr": "*fp16", "vz_ptr": "*fp16",
-            "oi_ptr": "*u8", "od_ptr": "*fp16"}
+            "oi_ptr": "*u8", "od_ptr": "*fp16", "sl_ptr": "*fp32"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, f"*{dt}") if n.endswith("_ptr")
-           else "fp32" if n == "qk_scale" else "i32" for n in fn.arg_names}
+           else "fp32" if n in ("qk_scale", "cap2") else "i32" for n in fn.arg_names}
     target = GPUTarget("cuda", 90, 32)
     kernel = triton.compile(ASTSource(fn, sig, consts), target=target, options=dict(num_warps=4, num_stages=2))
     red = mod._reduce_kernel
-    rconsts = dict(D=D, RB=16, SPLITS_P2=8)
+    rconsts = dict(D=D, RB=16, SPLITS_P2=8, SINKL=variants)
     rsig = {n: "constexpr" if n in rconsts else ("*fp32" if n != "out_ptr" else f"*{dt}") if n.endswith("_ptr")
             else "i32" for n in red.arg_names}
     triton.compile(ASTSource(red, rsig, rconsts), target=target, options=dict(num_warps=4))

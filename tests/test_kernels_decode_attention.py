@@ -68,21 +68,21 @@ def sink_mass(args) -> float:
     return probe[..., 0].mean().item()
 
 
-def run_kernel(args, num_splits=None):
+def run_kernel(args, num_splits=None, **extras):
     from quantsink.kernels.decode_attention import _attention
 
-    return _attention(*args, num_splits=num_splits)
+    return _attention(*args, num_splits=num_splits, **extras)
 
 
-def exact_reference(args) -> torch.Tensor:
+def exact_reference(args, **extras) -> torch.Tensor:
     """The reference in fp32 on the same (fp16-valued) inputs: no final rounding to fp16."""
     return decode_attention_ref(*(x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                                  for x in args))
+                                  for x in args), **extras)
 
 
-def assert_close(args, num_splits=None) -> float:
-    out = run_kernel(args, num_splits)
-    ref = exact_reference(args)
+def assert_close(args, num_splits=None, **extras) -> float:
+    out = run_kernel(args, num_splits, **extras)
+    ref = exact_reference(args, **extras)
     assert out.shape == ref.shape and out.dtype == args[0].dtype
     assert torch.isfinite(out).all(), "the kernel produced NaN/inf"
     err = (out.float() - ref.float()).abs().max().item()
@@ -177,7 +177,7 @@ def test_dispatch(monkeypatch):
     assert calls == [1] and (out.float() - decode_attention_ref(*args).float()).abs().max() <= 2e-3
     assert attention.resolve_backend("torch", torch.device("cpu")) == "torch"
     monkeypatch.delenv("QUANTSINK_BACKEND")
-    assert attention.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert attention.resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")  # C++ kernel if it builds
     with pytest.raises(QuantsinkError, match="allowed"):
         attention.resolve_backend("cuda", torch.device("cpu"))
 
@@ -199,3 +199,51 @@ def test_key_outliers_matter_in_the_comparison():
     body_k = args[3]
     body_k.outlier_delta = torch.zeros_like(body_k.outlier_delta)
     assert (exact_reference(args) - ref).abs().max() > 10 * ATOL[torch.float16]
+
+
+def sink_logits(args, scale: float = 2.0, seed: int = 3) -> torch.Tensor:
+    """Learned per-head sink logits of the size of the real keys' logits (they matter)."""
+    q = args[0]
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(q.shape[1], generator=gen) * scale + 2.0).to(q.device)
+
+
+EXTRA_CASES = {  # (make_case kwargs, extras builder, splits)
+    "learned_sinks": (dict(), lambda a: dict(sink_logits=sink_logits(a)), None),
+    "learned_sinks_split_k": (dict(T=192, key_mask=True), lambda a: dict(sink_logits=sink_logits(a)), 3),
+    "learned_sinks_lq3": (dict(Lq=3, g=2), lambda a: dict(sink_logits=sink_logits(a)), None),
+    "sliding_window_into_body": (dict(T=128, W=37), lambda a: dict(sliding_window=61), None),
+    "sliding_window_in_window": (dict(T=64, W=37), lambda a: dict(sliding_window=20), 2),
+    "sliding_window_causal_lq4": (dict(Lq=4, g=2, T=64, W=30), lambda a: dict(sliding_window=45), None),
+    "softcap": (dict(), lambda a: dict(softcap=3.0), None),
+    "softcap_int2_split_k": (dict(kbits=2, vbits=2, T=192), lambda a: dict(softcap=2.0), 4),
+    "gpt_oss_like": (dict(S0=2, T=126, off=2, W=16, key_mask=True),
+                     lambda a: dict(sink_logits=sink_logits(a), sliding_window=50), 2),
+    "fp32_all_extras": (dict(dtype=torch.float32), lambda a: dict(sink_logits=sink_logits(a),
+                                                                  sliding_window=70, softcap=4.0), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA_CASES))
+def test_attention_variants_match_reference(name):
+    kwargs, extras, splits = EXTRA_CASES[name]
+    args = make_case(**kwargs)
+    assert_close(args, splits, **extras(args))
+
+
+@pytest.mark.parametrize("extras", [
+    lambda a: dict(sink_logits=sink_logits(a)), lambda a: dict(sliding_window=61), lambda a: dict(softcap=2.0)])
+def test_attention_variants_matter_in_the_comparison(extras):
+    """Each variant moves the output well past the tolerance: the tests above are not vacuous."""
+    args = make_case(T=128, W=37)
+    assert (exact_reference(args, **extras(args)) - exact_reference(args)).abs().max() > 10 * ATOL[torch.float16]
+
+
+def test_sliding_window_reference_by_positions():
+    """The index-space window rule equals masking by position (body and window keys consecutive)."""
+    args = make_case(T=64, W=37, S0=3)
+    S = 3 + 64 + 37
+    mask = torch.ones(2, S, dtype=torch.bool)
+    mask[:, 3:S - 25] = False  # keys more than 25 positions back (sinks kept)
+    torch.testing.assert_close(exact_reference(args, sliding_window=25),
+                               exact_reference(list(args[:8]) + [mask.to(DEVICE)]))

@@ -5,6 +5,7 @@ import importlib.util
 
 import pytest
 import torch
+from quantsink.hf.forward import cache_kwargs
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernel runs in the interpreter
@@ -27,7 +28,7 @@ def generate(model, backend: str, prompt: torch.Tensor, new_tokens: int):
     kv = KVConfig(key_bits=4, value_bits=2, key_group_size=16, value_group_size=32, num_sinks=2, window=16)
     cache = SinkQuantCache.from_recipe(model, kv, backend=backend)
     with torch.no_grad():
-        out = model.generate(prompt, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+        out = model.generate(prompt, **cache_kwargs(model, cache), max_new_tokens=new_tokens, do_sample=False,
                              output_scores=True, return_dict_in_generate=True, pad_token_id=0)
     return out.sequences, torch.stack(out.scores), cache
 

@@ -10,6 +10,7 @@ from quantsink.kv.cache import SinkQuantCache
 from quantsink.kv.config import KVConfig
 from quantsink.kv.layer import SinkQuantLayer
 from quantsink.kv.prefill import chunk_attention_ref
+from quantsink.hf.forward import cache_kwargs
 
 
 def tiny_llama(seed: int = 0):
@@ -25,7 +26,7 @@ def tiny_llama(seed: int = 0):
 def logits_by_steps(model, ids: torch.Tensor, cfg: KVConfig, chunk: int) -> torch.Tensor:
     cache = SinkQuantCache.from_recipe(model, cfg)
     with torch.no_grad():
-        outs = [model(ids[:, a:a + chunk], past_key_values=cache).logits for a in range(0, ids.shape[1], chunk)]
+        outs = [model(ids[:, a:a + chunk], **cache_kwargs(model, cache)).logits for a in range(0, ids.shape[1], chunk)]
     assert cache.get_seq_length() == ids.shape[1]
     return torch.cat(outs, 1)
 
@@ -120,7 +121,7 @@ def test_sink_map_larger_than_cache() -> None:
 def test_unattached_cache_is_a_clear_error() -> None:
     model = tiny_llama()
     with pytest.raises(QuantsinkError, match="attach"):
-        model(torch.tensor([[1, 2, 3]]), past_key_values=SinkQuantCache(KVConfig(), 2))
+        model(torch.tensor([[1, 2, 3]]), **cache_kwargs(model, SinkQuantCache(KVConfig(), 2)))
 
 
 def test_left_padded_batch_matches_single_rows() -> None:
@@ -134,9 +135,9 @@ def test_left_padded_batch_matches_single_rows() -> None:
     mask[1, :10] = 0
     with torch.no_grad():
         cache = SinkQuantCache.from_recipe(model, cfg)
-        out = model.generate(batch, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
+        out = model.generate(batch, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=12,
                              do_sample=False)
-        alone = model.generate(b, past_key_values=SinkQuantCache.from_recipe(model, cfg),
+        alone = model.generate(b, **cache_kwargs(model, SinkQuantCache.from_recipe(model, cfg)),
                                max_new_tokens=12, do_sample=False)
     assert torch.equal(out[1, 10:], alone[0])
 
@@ -153,7 +154,7 @@ def test_sink_map_positions_non_contiguous() -> None:
     for chunk in (120, 1):
         cache = SinkQuantCache(cfg, 2, sink_map=Map()).attach(model)
         with torch.no_grad():
-            results.append(torch.cat([model(ids[:, a:a + chunk], past_key_values=cache).logits
+            results.append(torch.cat([model(ids[:, a:a + chunk], **cache_kwargs(model, cache)).logits
                                       for a in range(0, 120, chunk)], 1))
         layer = cache.layers[0]
         assert layer.sink_pos == [0, 5] and layer.positions()[:3].tolist() == [0, 5, 1]
@@ -175,7 +176,7 @@ def test_content_sinks_keep_first_occurrences(occurrences: int, expected: list[i
     for chunk in (120, 1, 37):
         cache = SinkQuantCache(cfg, 2, sink_map=sink_map).attach(model)
         with torch.no_grad():
-            results.append(torch.cat([model(ids[:, a:a + chunk], past_key_values=cache).logits
+            results.append(torch.cat([model(ids[:, a:a + chunk], **cache_kwargs(model, cache)).logits
                                       for a in range(0, 120, chunk)], 1))
         assert [layer.sink_pos for layer in cache.layers] == [expected, expected]
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)

@@ -42,7 +42,7 @@ def test_sink_queries_are_rotated_back() -> None:
     from quantsink.kv import cache as cache_mod
 
     orig = cache_mod.SinkQuantCache._sink_queries
-    cache_mod.SinkQuantCache._sink_queries = lambda self, layer, q: None
+    cache_mod.SinkQuantCache._sink_queries = lambda self, idx, layer, q: None
     try:
         unrotated = logits_by_steps(model, ids, CFG, chunk=200)
     finally:

@@ -25,11 +25,12 @@ STATS_NAME = "stats.safetensors"
 class CalibrationResult:
     """What a calibration pass found.
 
-    ``stats`` keys (all float32): ``act_absmax/<linear name>`` [in_features];
-    ``key_min|key_max|value_min|value_max/<layer>`` [Hkv, D] with sinks excluded
-    (keys after RoPE); plus, for reports, ``attn_mass/<layer>`` [H, P] (share of attention
-    on each leading position per head), ``resid_absmax/<layer>`` [hidden] and
-    ``key_lead_absmax/<layer>`` [P, Hkv, D].
+    ``stats`` keys (all float32): ``act_absmax/<linear name>`` [in_features] (read by the
+    weight quantizer); for reports and figures, ``attn_mass/<layer>`` [H, P] (share of
+    attention on each leading position per head), ``learned_sink_mass/<layer>`` [H] (share
+    of attention the model's learned sink logits take, per head; layers with learned sinks
+    only), ``resid_absmax/<layer>`` [hidden], ``key_absmax/<layer>`` [Hkv, D] (max |key|
+    after RoPE with the sinks excluded) and ``key_lead_absmax/<layer>`` [P, Hkv, D].
     ``massive`` rows: ``{"layer", "channel", "value", "ratio_to_median", "positions", ...}``.
     ``meta``: settings of the pass (windows, thresholds, source).
     """

@@ -1,5 +1,6 @@
-"""``calibrate``: one pass over calibration windows that finds sinks and massive activations
-and gathers per-channel statistics for the weight and KV-cache quantizers.
+"""``calibrate``: one pass over calibration windows that finds sinks (positional, content and
+the model's own learned sinks) and massive activations, and gathers the per-channel input
+maxima the weight quantizer reads (``act_absmax``) plus what the reports and figures show.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from quantsink.calibration.detect import (Thresholds, find_content_sinks, find_p
 from quantsink.calibration.sinkmap import SinkMap
 from quantsink.data import calibration_windows
 from quantsink.errors import check
+from quantsink.hf.arch import decoder_layers, decoder_stack, text_config
+from quantsink.hf.support import check_supported
+from quantsink.weights.coverage import check_quantizable
 
 # Budget for one layer's attention probabilities ([B, H, L, L] float32) per forward pass.
 _ATTN_BYTES = 32 * 2**20
@@ -30,19 +34,22 @@ def calibrate(model: Any, tokenizer: Any, calib: str | Path | torch.Tensor, samp
     drawn with ``seed``) or a LongTensor ``[N, L]`` of windows. ``name`` is recorded as the
     model name (default: the model's ``name_or_path``).
     """
+    check_supported(model)  # one line for layouts and attention quantsink cannot run
+    check_quantizable(model)  # the statistics are for the weight quantizer: same rule
     windows = _windows(tokenizer, calib, samples, seq_len, seed)
     th = thresholds or Thresholds()
-    cfg = model.config
+    cfg = text_config(model)
     vocab = max(int(cfg.vocab_size), int(windows.max()) + 1)
-    collector = Collector(cfg.num_hidden_layers, vocab, th)
+    collector = Collector(len(decoder_layers(model)[1]), vocab, th)
     batch = max(1, min(8, _ATTN_BYTES // (4 * cfg.num_attention_heads * windows.shape[1] ** 2)))
     device = next(model.parameters()).device
+    stack = decoder_stack(model)  # the decoder without the LM head: no [B, L, vocab] logits
     with attached(model, collector), torch.no_grad():
         for start in tqdm(range(0, windows.shape[0], batch), desc="calibrate", disable=not progress,
                           unit="batch", leave=False):
             ids = windows[start:start + batch]
             collector.begin_batch(ids)
-            model(ids.to(device), use_cache=False, logits_to_keep=1)  # no [B, L, vocab] logits
+            stack(input_ids=ids.to(device), use_cache=False)
     source = "tensor" if isinstance(calib, torch.Tensor) else str(calib)
     meta = {"source": source, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
             "seed": seed, "thresholds": th.to_dict()}
@@ -69,16 +76,17 @@ def finalize(col: Collector, tokenizer: Any, model_name: str, meta: dict) -> Cal
     distinct = col.lead_distinct()[:, :lead_mass.shape[-1]]
     pos_rows = find_positional_sinks(lead_mass.mean(1), col.seq_len, th, fraction, distinct,
                                      min_distinct=min(2, col.windows))
-    content_rows = find_content_sinks(col.ratio_sum, col.mass_sum, col.token_windows, th,
-                                      lambda t: tokenizer.decode([t]))
+    decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else (lambda t: f"<id {t}>")
+    content_rows = find_content_sinks(col.ratio_sum, col.mass_sum, col.token_windows, th, decode)
     sink_map = SinkMap(positional=leading_prefix(pos_rows),
                        content_token_ids=[r["token_id"] for r in content_rows],
                        num_layers=col.num_layers, positional_detail=pos_rows, content_detail=content_rows)
     stats = {f"act_absmax/{k}": v.clone() for k, v in col.act_absmax.items()}  # q/k/v shared one
     for l in layers:
-        stats[f"key_min/{l}"], stats[f"key_max/{l}"] = col.keys[l].finalize(sink_map.positional)
-        stats[f"value_min/{l}"], stats[f"value_max/{l}"] = col.values[l].finalize(sink_map.positional)
+        stats[f"key_absmax/{l}"] = col.keys[l].finalize(sink_map.positional)
         stats[f"attn_mass/{l}"] = lead_mass[l].float()
+        if col.sink_sum[l] is not None:
+            stats[f"learned_sink_mass/{l}"] = (col.sink_sum[l] / col.windows).float()
         stats[f"resid_absmax/{l}"] = col.resid_absmax[l].float()
         stats[f"key_lead_absmax/{l}"] = col.keys[l].lead_absmax()
     medians = [sum(m) / len(m) for m in col.medians]

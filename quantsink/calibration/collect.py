@@ -1,76 +1,105 @@
 """Hooks that gather calibration statistics during ordinary forward passes.
 
-Attention goes through a registered attention function (``quantsink_calib``) that computes
-the causal softmax of one layer, reduces it at once to per-key attention mass and hands
-back the usual output, so attention statistics cost O(one layer) of memory. It also sees
-the post-RoPE keys and the values, whose per-channel ranges it records. Forward hooks on
-the decoder layers see the residual stream (massive activations); forward pre-hooks on
-every ``nn.Linear`` inside them record input-channel absolute maxima.
+Attention goes through a registered attention function (``quantsink_calib``, switched in
+with the adapter's checked :func:`~quantsink.hf.attention.custom_attention`) that computes
+exactly the attention the model computes: its scaling, Gemma 2's logit softcapping (where
+the model's own implementation applies it: transformers' sdpa drops it), the layer's mask
+(sliding window included, and the window of the call re-applied) and GPT-OSS's learned sink
+logits (an extra softmax column per head, dropped after normalising, as the
+model does). It reduces the probabilities at once to per-key attention mass and the
+learned sink's share, and hands back the usual output, so attention statistics cost
+O(one layer) of memory. It also sees the post-RoPE keys, whose per-channel magnitudes it
+records for the key-channel figure. Forward hooks on the decoder layers see the residual
+stream (massive activations); forward pre-hooks on every ``nn.Linear`` inside them record
+input-channel absolute maxima.
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from quantsink.calibration.detect import (Thresholds, far_mass, leading_mass, massive_from_magnitude,
                                           positional_limit, token_window_max)
-from quantsink.calibration.ranges import RangeStats
+from quantsink.calibration.ranges import KeyMagnitudes
 from quantsink.errors import check
+from quantsink.hf.arch import attention_specs, decoder_layers
+from quantsink.hf.attention import Extras, custom_attention, extras_from_call
+from quantsink.hf.support import applies_softcap
 
 ATTN_NAME = "quantsink_calib"
 _ACTIVE: "Collector | None" = None
 
 
-def _causal_bias(mask: torch.Tensor | None, q_len: int, k_len: int, ref: torch.Tensor) -> torch.Tensor:
-    """Additive float mask [B|1, 1|H, Lq, Lk] from whatever the model's mask function gave."""
+def _bias(mask: torch.Tensor | None, q_len: int, k_len: int, window: int | None,
+          ref: torch.Tensor) -> torch.Tensor:
+    """Additive float mask [B|1, 1|H, Lq, Lk]: the model's mask (bool or additive), causal when
+    absent, with the call's sliding window (query q sees keys q - window < k <= q) on top."""
+    pos_q = torch.arange(k_len - q_len, k_len, device=ref.device)[:, None]  # [Lq, 1]
+    pos_k = torch.arange(k_len, device=ref.device)[None, :]  # [1, Lk]
     if mask is None:
-        pos_q = torch.arange(k_len - q_len, k_len, device=ref.device)
-        mask = pos_q[:, None] >= torch.arange(k_len, device=ref.device)[None, :]
+        mask = pos_q >= pos_k
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=ref.dtype, device=ref.device).masked_fill(~mask, float("-inf"))
-    return mask[..., :k_len].to(ref.dtype)
+        bias = torch.zeros(mask.shape, dtype=ref.dtype, device=ref.device).masked_fill(~mask, float("-inf"))
+    else:
+        bias = mask[..., :k_len].to(ref.dtype)
+    if window is not None:
+        bias = bias.masked_fill(pos_k <= pos_q - window, float("-inf"))
+    return bias
 
 
 def calib_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None,
-                    dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Eager causal attention that reports the probabilities of its layer to the active collector.
+                    attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The layer's attention, in float32, reporting its probabilities to the active collector.
 
     query: [B, H, Lq, D]; key, value: [B, Hkv, Lk, D] (keys after RoPE). Returns ``[B, Lq, H, D]``.
     """
+    return _attention(module, query, key, value, attention_mask, extras_from_call(module, query, kwargs))
+
+
+def calib_attention_without_softcap(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                    value: torch.Tensor, attention_mask: torch.Tensor | None,
+                                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """:func:`calib_attention` for models whose own implementation drops the softcap (sdpa)."""
+    ex = dataclasses.replace(extras_from_call(module, query, kwargs), softcap=None)
+    return _attention(module, query, key, value, attention_mask, ex)
+
+
+def attention_for(model: nn.Module) -> Callable:
+    """The calibration attention that computes what ``model``'s own implementation computes."""
+    return calib_attention if applies_softcap(model) or not _has_softcap(model) else \
+        calib_attention_without_softcap
+
+
+def _has_softcap(model: nn.Module) -> bool:
+    return any(s.softcap is not None for s in attention_specs(model))
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, ex: Extras) -> tuple[torch.Tensor, None]:
     n_rep = query.shape[1] // key.shape[1]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     k = key.float().repeat_interleave(n_rep, dim=1)  # [B, H, Lk, D]
-    scores = torch.matmul(query.float() * scale, k.transpose(2, 3))  # [B, H, Lq, Lk]
-    scores += _causal_bias(attention_mask, query.shape[2], key.shape[2], scores)
-    probs = scores.softmax(-1)
-    del scores, k
+    scores = torch.matmul(query.float(), k.transpose(2, 3)) * ex.scaling  # [B, H, Lq, Lk]
+    del k
+    if ex.softcap is not None:  # in place: one [B, H, Lq, Lk] buffer
+        scores.div_(ex.softcap).tanh_().mul_(ex.softcap)
+    scores += _bias(attention_mask, query.shape[2], key.shape[2], ex.sliding_window, scores)
+    sink = None
+    if ex.sink_logits is not None:  # one more column per head, dropped after normalising
+        col = ex.sink_logits.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.cat([scores, col], dim=-1).softmax(-1)
+        probs, sink = probs[..., :-1], probs[..., -1]  # [B, H, Lq, Lk], [B, H, Lq]
+    else:
+        probs = scores.softmax(-1)
+    del scores
     if _ACTIVE is not None:
-        _ACTIVE.observe_attention(module.layer_idx, probs, key, value)
-    v = value.repeat_interleave(n_rep, dim=1)
-    out = torch.matmul(probs.to(value.dtype), v)  # [B, H, Lq, D]
+        _ACTIVE.observe_attention(module.layer_idx, probs, key, sink)
+    v = value.float().repeat_interleave(n_rep, dim=1)
+    out = torch.matmul(probs, v).to(value.dtype)  # [B, H, Lq, D]
     return out.transpose(1, 2).contiguous(), None
-
-
-def register_attention() -> None:
-    """Register ``quantsink_calib`` with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(ATTN_NAME, calib_attention)
-    AttentionMaskInterface.register(ATTN_NAME, eager_mask)
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The name and ModuleList of the decoder layers (``model.layers`` for Llama)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.endswith("layers") and len(mod) == n:
-            return name, mod
-    raise TypeError(f"{type(model).__name__}: no ModuleList of {n} decoder layers found")
 
 
 class Collector:
@@ -90,8 +119,8 @@ class Collector:
         self.ratio_sum = torch.zeros(num_layers, vocab)  # per-window max ratio, summed
         self.mass_sum = torch.zeros(num_layers, vocab)
         self.token_windows = torch.zeros(vocab)
-        self.keys = [RangeStats(th.lead_positions) for _ in range(num_layers)]
-        self.values = [RangeStats(th.lead_positions) for _ in range(num_layers)]
+        self.keys = [KeyMagnitudes(th.lead_positions) for _ in range(num_layers)]
+        self.sink_sum: list[torch.Tensor | None] = [None] * num_layers  # [H] learned sink share
         self.medians: list[list[float]] = [[] for _ in range(num_layers)]
         self.resid_absmax: list[torch.Tensor | None] = [None] * num_layers  # [C]
         self.massive: dict[tuple[int, int], dict] = {}
@@ -119,9 +148,14 @@ class Collector:
 
     @torch.no_grad()
     def observe_attention(self, layer: int, probs: torch.Tensor, key: torch.Tensor,
-                          value: torch.Tensor) -> None:
-        """probs: [B, H, L, L]; key, value: [B, Hkv, L, D]."""
+                          sink: torch.Tensor | None = None) -> None:
+        """probs: [B, H, L, L] over the real keys; key: [B, Hkv, L, D]; sink: [B, H, L] the
+        learned sink's share of each query's attention (None without learned sinks)."""
         check(probs.shape[-1] == probs.shape[-2], "calibration runs windows without a KV cache")
+        if sink is not None:
+            share = sink.float().mean(-1).sum(0).cpu()  # [H], summed over windows
+            prev = self.sink_sum[layer]
+            self.sink_sum[layer] = share if prev is None else prev + share
         lead = leading_mass(probs, self.th.lead_positions).cpu()  # [B, H, P]
         p = lead.shape[-1]
         limit = positional_limit(probs.shape[-1], p, self.th)
@@ -139,7 +173,6 @@ class Collector:
         self.mass_sum[layer].index_add_(0, self.uniq, mass_max)
         sinkish = (ratio.cpu() >= self.th.content_ratio) & scored  # [B, L] sink occurrences
         self.keys[layer].update(key.detach().float().cpu(), sinkish)
-        self.values[layer].update(value.detach().float().cpu(), sinkish)
 
     @torch.no_grad()
     def observe_hidden(self, layer: int, hidden: torch.Tensor) -> None:
@@ -180,7 +213,6 @@ class Collector:
 def attached(model: nn.Module, collector: Collector) -> Iterator[Collector]:
     """Install the attention function and hooks; restore the model afterwards."""
     global _ACTIVE
-    register_attention()
     prefix, layers = decoder_layers(model)
     handles = []
     for idx, layer in enumerate(layers):
@@ -191,14 +223,12 @@ def attached(model: nn.Module, collector: Collector) -> Iterator[Collector]:
                 full = f"{prefix}.{idx}.{name}"
                 handles.append(mod.register_forward_pre_hook(
                     lambda _m, args, full=full: collector.observe_linear_input(full, args[0])))
-    original = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_NAME)
     _ACTIVE = collector
     try:
-        yield collector
+        with custom_attention(model, ATTN_NAME, attention_for(model)):
+            yield collector
     finally:
         _ACTIVE = None
         collector._last_input = None
-        model.set_attn_implementation(original)
         for h in handles:
             h.remove()

@@ -5,6 +5,8 @@
 * ``massive_activations.png``: largest |residual| per layer for the top channels.
 * ``key_channels.png``: per-channel key magnitudes per layer, sinks excluded, next to the
   keys of position 0.
+* ``learned_sinks.png`` (models with learned sink logits, e.g. GPT-OSS): the share of the
+  attention those logits take, layer by layer and head by head.
 """
 from __future__ import annotations
 
@@ -80,15 +82,15 @@ def plot_massive(result: CalibrationResult, path: Path, top: int = 16) -> None:
 def plot_key_channels(result: CalibrationResult, path: Path) -> None:
     """Per-layer key-channel magnitudes: body tokens (sinks excluded) and position 0."""
     plt = _pyplot()
-    lo, hi = _stack(result, "key_min"), _stack(result, "key_max")  # [layers, Hkv, D]
-    body = torch.maximum(lo.abs(), hi.abs()).flatten(1)  # [layers, Hkv*D]
+    keys = _stack(result, "key_absmax")  # [layers, Hkv, D], sinks excluded
+    body = keys.flatten(1)  # [layers, Hkv*D]
     first = _stack(result, "key_lead_absmax")[:, 0].flatten(1)
     vmax = float(torch.maximum(body.max(), first.max()))
     fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True, layout="constrained")
     for ax, data, title in ((axes[0], body, "max |key|, sinks excluded"), (axes[1], first, "|key| at position 0")):
         im = ax.imshow(data.numpy(), aspect="auto", cmap="inferno", vmin=0, vmax=vmax, origin="lower",
                        interpolation="nearest")
-        heads, dim = lo.shape[1], lo.shape[2]
+        heads, dim = keys.shape[1], keys.shape[2]
         ax.set_xticks([h * dim for h in range(heads)], [f"kv head {h}" for h in range(heads)])
         for h in range(1, heads):
             ax.axvline(h * dim - 0.5, color="white", linewidth=0.5)
@@ -101,10 +103,36 @@ def plot_key_channels(result: CalibrationResult, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_learned_sinks(result: CalibrationResult, path: Path) -> bool:
+    """Heatmap layers x heads of the learned sink logits' share of attention (False: no such sinks)."""
+    layers = [l for l in range(result.num_layers) if f"learned_sink_mass/{l}" in result.stats]
+    if not layers:
+        return False
+    plt = _pyplot()
+    mass = torch.stack([result.stats[f"learned_sink_mass/{l}"].float() for l in layers])  # [layers, H]
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.25 * len(layers) + 2)))
+    im = ax.imshow(mass.numpy(), aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, origin="lower",
+                   interpolation="nearest")
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(0, mass.shape[1], max(1, mass.shape[1] // 16)))
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_title(f"{Path(result.model).name}: share of attention on the learned sink logits\n"
+                 f"(mean over queries and windows; mean over all: {float(mass.mean()):.3f})")
+    fig.colorbar(im, ax=ax, label="attention share")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_plots(result: CalibrationResult, out: Path) -> list[Path]:
-    """Write the three figures into ``out``; returns their paths."""
+    """Write the figures into ``out`` (``learned_sinks.png`` only for models with learned
+    sink logits); returns their paths."""
     paths = [out / "attention_mass.png", out / "massive_activations.png", out / "key_channels.png"]
     plot_attention_mass(result, paths[0])
     plot_massive(result, paths[1])
     plot_key_channels(result, paths[2])
+    if plot_learned_sinks(result, out / "learned_sinks.png"):
+        paths.append(out / "learned_sinks.png")
     return paths

@@ -13,8 +13,23 @@ from quantsink.errors import check
 REPORT_NAME = "report.json"
 
 
+def learned_sink_rows(result: CalibrationResult) -> list[dict]:
+    """Per layer with learned sink logits (GPT-OSS): the share of attention they take, per head
+    (``mass``, mean over queries and windows) and averaged over heads (``mean``)."""
+    rows = []
+    for layer in range(result.num_layers):
+        mass = result.stats.get(f"learned_sink_mass/{layer}")
+        if mass is not None:
+            rows.append({"layer": layer, "mean": round(float(mass.mean()), 5),
+                         "mass": [round(float(m), 5) for m in mass]})
+    return rows
+
+
 def build_report(result: CalibrationResult) -> dict:
-    """The ``report.json`` document (keys of issue #2 plus settings and the plain sink map)."""
+    """The ``report.json`` document (keys of issue #2 plus settings and the plain sink map).
+
+    ``sinks.learned`` lists, per layer with learned sink logits, their share of the attention.
+    """
     sm = result.sink_map
     return {
         "model": result.model,
@@ -22,6 +37,7 @@ def build_report(result: CalibrationResult) -> dict:
         "sinks": {
             "positional": [{k: r[k] for k in ("position", "layers", "mass")} for r in sm.positional_detail],
             "content": [dict(r) for r in sm.content_detail],
+            "learned": learned_sink_rows(result),
         },
         "massive_activations": [dict(r) for r in result.massive],
         "sink_map": {"positional": sm.positional, "content_token_ids": sm.content_token_ids},
@@ -73,14 +89,20 @@ def format_table(result: CalibrationResult, top: int = 12) -> str:
     meta = result.meta
     lines = [f"{result.model}: {result.num_layers} layers, {meta.get('samples', '?')} windows x "
              f"{meta.get('seq_len', '?')} tokens",
-             "", "Attention sinks (mass = share of attention, mean over heads and queries)",
+             "", "Attention sinks (mass = share of attention, mean/max over heads and queries; learned: "
+                 "the model's own sink logits)",
              f"  {'kind':<11}{'where':<22}{'layers':<26}{'mass mean/max':<15}"]
     for r in result.sink_map.positional_detail:
         lines.append(_sink_line("positional", f"position {r['position']}", r))
     for r in result.sink_map.content_detail:
         what = f"{r['token']!r} id {r['token_id']}"
         lines.append(_sink_line("content", what, r) + f"  ({max(r['ratio_to_uniform']):.0f}x uniform)")
-    if not (result.sink_map.positional_detail or result.sink_map.content_detail):
+    learned = learned_sink_rows(result)
+    for r in learned:
+        lines.append(f"  {'learned':<11}{'sink logits':<22}{str(r['layer']):<26}{r['mean']:.3f}/"
+                     f"{max(r['mass']):.3f}  (per head: {', '.join(f'{m:.2f}' for m in r['mass'][:8])}"
+                     f"{', ...' if len(r['mass']) > 8 else ''})")
+    if not (result.sink_map.positional_detail or result.sink_map.content_detail or learned):
         lines.append("  (none found)")
     ratio = meta.get("thresholds", {}).get("massive_ratio", 100)
     lines += ["", f"Massive activations (|h| >= {ratio:g} x the layer's median |h|)",

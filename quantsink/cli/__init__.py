@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import Sequence
 
@@ -23,8 +24,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C so that staged directories are removed."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from quantsink import __version__
+
     parser = _Parser(prog="quantsink", description="Sink-aware LLM quantization.")
+    parser.add_argument("--version", action="version", version=f"quantsink {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in _SUBCOMMANDS:
         importlib.import_module(f"quantsink.cli.{name}_cmd").add_parser(subparsers)
@@ -32,16 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
+    """Run the CLI; returns the process exit code (2: bad input, 130: Ctrl-C, 143: SIGTERM)."""
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return int(args.run(args) or 0)
     except QuantsinkError as exc:
         sys.stderr.write(f"quantsink {args.command}: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("quantsink: interrupted\n")
+        sys.stderr.write("quantsink: interrupted, nothing was written\n")
         return 130
+    except Terminated:
+        sys.stderr.write("quantsink: terminated, nothing was written\n")
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

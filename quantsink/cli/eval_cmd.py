@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from quantsink.cli.common import add_model_arg
+from quantsink.cli.common import add_model_arg, check_source
 from quantsink.errors import check
 
 
@@ -39,9 +39,12 @@ def run(args: argparse.Namespace) -> int:
     check(args.ctx >= 2, f"--ctx must be >= 2, got {args.ctx}")
     check(args.max_tokens >= args.ctx, f"--max-tokens {args.max_tokens} is shorter than one window "
                                        f"(--ctx {args.ctx}); allowed: >= --ctx")
+    check_source(args.data, "--data")
     json_out = Path(args.json) if args.json else None
     check(json_out is None or (json_out.parent.is_dir() and not json_out.is_dir()),
           f"--json {args.json!r}: the file's directory must exist and the path must not be a directory")
+    check(json_out is None or os.access(json_out.parent, os.W_OK),
+          f"--json {args.json!r}: its directory is not writable; allowed: a writable location")
     kv = _kv_config(args.recipe, args.window)
     check(args.calibration is None or kv is not None, "--calibration needs --recipe (it sets the KV sinks)")
     sink_map = None
@@ -50,8 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
         sink_map = CalibrationResult.load(args.calibration).sink_map
     model, tok = load_model(args.model)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    check(context is None or args.ctx <= context,
+          f"--ctx {args.ctx} is longer than the model's context of {context} tokens; allowed: <= {context}")
     ids = eval_tokens(tok, args.data, args.max_tokens)
-    check(ids.numel() >= args.ctx, f"{args.data} has {ids.numel()} tokens, fewer than --ctx {args.ctx}")
+    check(ids.numel() >= args.ctx, f"--data {args.data} has {ids.numel()} tokens, fewer than one window of "
+                                   f"--ctx {args.ctx}; allowed: a longer text or a smaller --ctx")
     result = perplexity(model, ids, args.ctx, progress=not args.no_progress, kv=kv, sink_map=sink_map)
     result.update(window=kv.window if kv is not None else 0, recipe=args.recipe, model=args.model,
                   ctx=args.ctx)

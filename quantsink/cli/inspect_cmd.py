@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantsink.cli.common import add_calib_args, add_model_arg
-from quantsink.errors import check
+from quantsink.cli.common import add_calib_args, add_model_arg, check_calib_args
 
 DEFAULT_SAMPLES = 16
 DEFAULT_SEQ_LEN = 512
@@ -37,14 +36,14 @@ def run(args: argparse.Namespace) -> int:
     from quantsink.calibration.report import check_output_dir, format_table, write_report_dir
     from quantsink.models import load_model
 
+    check_calib_args(args)
     samples = DEFAULT_SAMPLES if args.calib_samples is None else args.calib_samples
     seq_len = DEFAULT_SEQ_LEN if args.calib_seq_len is None else args.calib_seq_len
-    check(samples >= 1, f"--calib-samples must be >= 1, got {samples}")
-    check(seq_len >= 2, f"--calib-seq-len must be >= 2, got {seq_len}")
+    seed = 0 if args.seed is None else args.seed
     out = Path(args.out)
     check_output_dir(out)  # fail before the pass, not after it
     model, tokenizer = load_model(args.model)
-    result = calibrate(model, tokenizer, args.calib, samples=samples, seq_len=seq_len, seed=args.seed,
+    result = calibrate(model, tokenizer, args.calib, samples=samples, seq_len=seq_len, seed=seed,
                        progress=args.progress, name=args.model)
     written = write_report_dir(result, out, plots=args.plots)
     print(format_table(result))

@@ -2,6 +2,7 @@
 
     quantsink quantize [--model M] --recipe NAME|file.yaml [--calib PATH]
                        [--calibration ARTIFACT] --out DIR [--force] [--eval PATH]
+                       [--format quantsink|compressed-tensors] [--drop-outliers] [--group-fallback]
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import argparse
 import os
 import time
 
-from quantsink.cli.common import add_calib_args, add_model_arg
+from quantsink.cli.common import add_calib_args, add_model_arg, check_calib_args, check_source
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +29,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-tokens", type=int, default=65536, help="tokens of --eval (default 65536)")
     p.add_argument("--eval-ctx", type=int, default=2048, help="window length for --eval (default 2048)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_format_args(p)
     p.set_defaults(run=run)
+
+
+def add_format_args(p: argparse.ArgumentParser) -> None:
+    """``--format`` and the compressed-tensors options (issue #12)."""
+    from quantsink.weights.compressed_tensors import CT_GROUP_SIZES, FORMATS
+
+    p.add_argument("--format", default=FORMATS[0], choices=FORMATS,
+                   help="checkpoint format: quantsink (default; fp16 outlier channels, needs `import "
+                        "quantsink`) or compressed-tensors (pack-quantized int weights that "
+                        "transformers and vLLM load without quantsink)")
+    p.add_argument("--drop-outliers", action="store_true",
+                   help="compressed-tensors only: quantize the recipe's fp16 outlier channels as well "
+                        "(without it such a recipe is refused)")
+    p.add_argument("--group-fallback", action="store_true",
+                   help="compressed-tensors only: layers whose input width the recipe's group size "
+                        f"does not divide get the largest of {list(CT_GROUP_SIZES)} that does")
 
 
 def _ppl(model, ids, ctx: int, progress: bool, desc: str) -> float:
@@ -46,11 +64,17 @@ def run(args: argparse.Namespace) -> int:
     from quantsink.errors import check
     from quantsink.models import load_model
     from quantsink.weights.api import needs_calibration, quantize
+    from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS, recipe_for_format
     from quantsink.weights.export import check_out_dir, export
     from quantsink.weights.summary import build_report, format_summary
 
     check_out_dir(args.out, args.force)  # before any heavy work
-    recipe = load_recipe(args.recipe)
+    recipe = recipe_for_format(load_recipe(args.recipe), args.format, args.drop_outliers,
+                               args.group_fallback)
+    check_calib_args(args)
+    check(args.eval_ctx >= 2, f"--eval-ctx must be >= 2, got {args.eval_ctx}")
+    if args.eval:
+        check_source(args.eval, "--eval")
     check(not needs_calibration(recipe) or args.calib or args.calibration,
           f"recipe {recipe.name!r} needs calibration data; allowed: --calib PATH (a text file or "
           "dataset name) or --calibration ARTIFACT")
@@ -64,12 +88,15 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     quantize(model, recipe, calib=args.calib, calibration=args.calibration, tokenizer=tok,
              progress=progress, samples=args.calib_samples, seq_len=args.calib_seq_len,
-             seed=args.seed)
+             seed=args.seed, format=args.format, group_fallback=args.group_fallback)
     seconds = time.perf_counter() - t1
     ppl_after = _ppl(model, ids, args.eval_ctx, progress, "ppl quant") if ids is not None else None
     n_eval = None if ids is None else ids.numel()
     report = build_report(model, recipe, ppl_before, ppl_after, n_eval)
-    out = export(model, tok, args.out, recipe, report=report, force=args.force)
+    out = export(model, tok, args.out, recipe, report=report, force=args.force, format=args.format)
     print(format_summary(report, out, time.perf_counter() - t0))
     print(f"quantization (calibration included) took {seconds:.1f} s")
+    if args.format == COMPRESSED_TENSORS:
+        print(f"{COMPRESSED_TENSORS} pack-quantized checkpoint: AutoModelForCausalLM.from_pretrained"
+              f"({str(out)!r}) needs no quantsink; serve with `vllm serve {out}`")
     return 0

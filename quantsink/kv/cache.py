@@ -3,16 +3,23 @@
 Usage::
 
     cache = SinkQuantCache.from_recipe(model, "kv-int4-sink")   # also switches attention
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)   # or cache=cache
 
 Per layer (:class:`~quantsink.kv.layer.SinkQuantLayer`): sink positions (calibrated
 SinkMap, default the first ``num_sinks``) in fp16, the body as packed codes with fp16
 scale/zero, and the most recent tokens in fp16, flushed into the body ``G`` at a time.
+Each layer follows the model's own attention (:mod:`quantsink.hf.arch`): sliding-window
+layers attend to their window only, learned sink logits (GPT-OSS) join the softmax
+denominator, attention-logit softcapping (Gemma 2) is applied.
 
 Decode steps go through :func:`quantsink.kv.attention.decode_attention` (torch reference
 on CPU, Triton on CUDA); chunks of several tokens (prefill, teacher-forced evaluation,
 chunked streaming) through :func:`quantsink.kv.prefill.chunk_attention_ref`, which
 reproduces token-by-token decoding exactly. No fp16 copy of the body is kept.
+
+Correct by construction: every ``update`` of a layer must be read by quantsink's attention
+in the same forward (a model whose attention bypasses it is refused with one line); the
+cache serves only the model it was attached to, with the batch it started with.
 
 Left padding: sinks are positions in the padded batch. So that every row keeps its own
 first ``num_sinks`` real tokens in fp16, the sink set is the union over rows of
@@ -21,157 +28,196 @@ pad positions are masked out everywhere.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping
 
 import torch
-from transformers.cache_utils import Cache
 
 from quantsink.errors import QuantsinkError, check
-from quantsink.kv import integration
+from quantsink.hf import arch, forward
+from quantsink.hf import attention as hf_attention
+from quantsink.hf.cache_api import Cache
 from quantsink.kv.attention import BACKENDS, decode_attention
 from quantsink.kv.config import KVConfig
 from quantsink.kv.layer import SinkQuantLayer
 from quantsink.kv.prefill import chunk_attention_ref
-from quantsink.kv.rotation import find_inv_freq, hadamard, rope_shift
+from quantsink.kv.rotation import hadamard
+from quantsink.kv.tokens import TokenState
 
 
 class SinkQuantCache(Cache):
     """Sink-aware quantized KV cache (see the module docstring)."""
 
     def __init__(self, config: KVConfig, num_layers: int, sink_map: Any = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", sliding_windows: list[int | None] | None = None) -> None:
         check(backend in BACKENDS, f"backend {backend!r} is not supported; allowed: {list(BACKENDS)}")
-        positional = list(range(config.num_sinks)) if sink_map is None else list(sink_map.positional)
-        check(all(p >= 0 for p in positional), f"sink positions must be >= 0, got {positional}")
-        if config.max_cache_tokens is not None:
-            need = len(positional) + config.window + config.key_group_size
-            check(config.max_cache_tokens >= need,
-                  f"{len(positional)} sinks + window {config.window} + one key group do not fit in "
-                  f"max_cache_tokens={config.max_cache_tokens}; allowed: >= {need}")
-        content = list(sink_map.content_token_ids) if sink_map is not None and config.content_sinks else []
-        check(not config.content_sinks or content,
-              "kv_cache.content_sinks=true needs a calibrated sink map with content-sink token ids "
-              "(from `quantsink inspect`); allowed: content_sinks: false without one")
-        super().__init__(layers=[SinkQuantLayer(config) for _ in range(num_layers)])
-        self.config, self.backend, self.positional = config, backend, sorted(positional)
-        self.content_ids = torch.tensor(content, dtype=torch.long)
-        self.inv_freq: torch.Tensor | None = None
-        self._padding: torch.Tensor | None = None
-        self._content_seen: dict[tuple[int, int], int] = {}  # (row, token id) -> occurrences kept
-        self._new_sinks: list[int] = []  # content-sink positions of the running forward
+        windows = [None] * num_layers if sliding_windows is None else list(sliding_windows)
+        check(len(windows) == num_layers, f"{len(windows)} sliding windows for {num_layers} layers")
+        self.tokens = TokenState(config, sink_map)
+        super().__init__(layers=[SinkQuantLayer(config, w) for w in windows])
+        self.config, self.backend = config, backend
+        self._stack: Any = None  # weak reference to the decoder stack of the attached model
+        self._rope: dict[int, Any] = {}  # layer -> RopeShift (StreamingLLM mode)
 
     @classmethod
     def from_recipe(cls, model: Any, recipe: Any, sink_map: Any = None,
                     backend: str = "auto") -> "SinkQuantCache":
         """A cache for ``model`` from a Recipe, KVConfig, recipe name/path or dict; attaches it."""
         config = resolve_kv_config(recipe)
-        num_layers = model.config.get_text_config().num_hidden_layers
-        cache = cls(config, num_layers, sink_map=sink_map, backend=backend)
-        cache.attach(model)
-        return cache
+        specs = arch.attention_specs(model)
+        cache = cls(config, len(specs), sink_map=sink_map, backend=backend,
+                    sliding_windows=[s.sliding_window for s in specs])
+        return cache.attach(model)
 
     def attach(self, model: Any) -> "SinkQuantCache":
-        """Switch ``model`` to the quantsink attention (needed before the first forward)."""
-        integration.attach(model)
-        self.inv_freq = find_inv_freq(model)
+        """Switch ``model`` to quantsink's attention and bind this cache to it (before use)."""
+        specs = arch.attention_specs(model)
+        name = type(model).__name__
+        check(len(specs) == len(self.layers), f"this SinkQuantCache has {len(self.layers)} layers but {name} has "
+                                              f"{len(specs)}; allowed: SinkQuantCache.from_recipe(model, recipe)")
+        self._check_shapes(model)
+        stack = arch.decoder_stack(model)
+        check(self._stack is None or self._stack() is stack or not self.is_initialized,
+              "this SinkQuantCache already holds another model's tokens; allowed: a new cache per model")
+        for layer, spec in zip(self.layers, specs):
+            if layer.sliding_window != spec.sliding_window:
+                check(not layer.is_initialized, f"layer {spec.layer} of {name} slides over {spec.sliding_window} "
+                                                f"tokens; this cache was filled for {layer.sliding_window}")
+                layer.sliding_window, layer.is_sliding = spec.sliding_window, spec.sliding_window is not None
+        hf_attention.switch(model)
+        self._stack = weakref.ref(stack)
+        if self.config.max_cache_tokens is not None:
+            from quantsink.hf.rope import RopeShift
+
+            self._rope = {s.layer: RopeShift(model, s.layer) for s in specs if s.kind == "full"}
         return self
+
+    def _check_shapes(self, model: Any) -> None:
+        """Recipe values that depend on the model: head_dim, context length."""
+        cfg, name, dim = self.config, type(model).__name__, arch.head_dim(model)
+        check(dim % cfg.value_group_size == 0,
+              f"kv_cache.value_group_size={cfg.value_group_size} does not divide {name}'s head_dim {dim}; "
+              f"allowed: a divisor of {dim}")
+        check(not cfg.rotate or dim & (dim - 1) == 0,
+              f"kv_cache.rotate needs a power-of-two head_dim, {name} has {dim}; allowed: rotate: false")
+        context = arch.context_length(model)
+        check(context is None or max(self.tokens.positional, default=0) < context,
+              f"sink positions up to {max(self.tokens.positional, default=0)} do not fit {name}'s context of "
+              f"{context}; allowed: num_sinks < {context}")
+
+    # -- forward protocol (called by quantsink.hf.forward's hooks) -------------------------
+    def begin_forward(self, stack: Any, input_ids: torch.Tensor | None, attention_mask: Any,
+                      has_embeds: bool = False) -> None:
+        """A forward of the attached model starts: padding and content sinks of its tokens."""
+        check(self._stack is not None and self._stack() is stack,
+              "this SinkQuantCache is not attached to this model; create it with "
+              "SinkQuantCache.from_recipe(model, recipe) or call cache.attach(model)")
+        self._check_consumed()
+        self.tokens.begin(input_ids, attention_mask, self.get_seq_length(), has_embeds)
+
+    def end_forward(self) -> None:
+        """The forward is over: every layer it updated must have been attended."""
+        self._check_consumed()
+
+    def _check_consumed(self) -> None:
+        stale = [i for i, layer in enumerate(self.layers) if not layer.consumed]
+        if stale:
+            for i in stale:
+                self.layers[i].consumed = True
+            raise QuantsinkError(f"SinkQuantCache layer(s) {stale} were updated but never read by quantsink's "
+                                 "attention: the model's attention does not go through transformers' "
+                                 f"AttentionInterface; supported: {arch.SUPPORTED_FAMILIES}")
 
     # -- transformers Cache API ----------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new ``[B, Hkv, L, D]`` keys/values of layer ``layer_idx``."""
-        if integration.active_cache() is not self:
+        if forward.active_cache() is not self:
             raise QuantsinkError("SinkQuantCache is not attached to this model; create it with "
                                  "SinkQuantCache.from_recipe(model, recipe) or call cache.attach(model)")
+        self._check_consumed()
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
-            layer.set_sinks(self._sink_positions())
-        if self._new_sinks:
-            layer.add_sinks(self._new_sinks)
+            layer.set_sinks(self.tokens.sink_positions())
+        if self.tokens.new_sinks:
+            layer.add_sinks(self.tokens.new_sinks)
         if self.config.rotate:
             h = hadamard(key_states.shape[-1], key_states.device, key_states.dtype)
             key_states, value_states = key_states @ h, value_states @ h
         layer.update(key_states, value_states)
         return key_states, value_states
 
-    def set_padding(self, attention_mask: torch.Tensor | None) -> None:
-        """The 2-D padding mask of the running forward (True/1 = real token), or None."""
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-            self._padding = attention_mask.bool().cpu()
-        else:
-            self._padding = None
-
-    def observe_tokens(self, input_ids: torch.Tensor | None) -> None:
-        """Content sinks: mark this forward's first occurrences of the sink-map token ids.
-
-        Called with the ``[B, L]`` input ids of every forward (after :meth:`set_padding`);
-        a position becomes a sink when any real row holds one of its first
-        ``content_sink_occurrences`` occurrences of a content-sink id there.
-        """
-        self._new_sinks = []
-        if self.content_ids.numel() == 0 or input_ids is None or input_ids.dim() != 2:
-            return
-        ids, start = input_ids.cpu(), self.get_seq_length()
-        hits = torch.isin(ids, self.content_ids)
-        if self._padding is not None:
-            hits &= self._padding[:, start:start + ids.shape[1]]
-        new = set()
-        for b, j in hits.nonzero().tolist():
-            key = (b, int(ids[b, j]))
-            if self._content_seen.get(key, 0) < self.config.content_sink_occurrences:
-                self._content_seen[key] = self._content_seen.get(key, 0) + 1
-                new.add(start + j)
-        self._new_sinks = sorted(new)
-
     def reset(self) -> None:
         super().reset()
-        self._content_seen, self._new_sinks = {}, []
+        self.tokens.reset()
 
-    def _sink_positions(self) -> list[int]:
-        if self._padding is None:
-            return self.positional
-        pads = (self._padding.long().cumsum(-1) == 0).sum(-1).unique().tolist()  # leading pads per row
-        return sorted({p + s for p in pads for s in self.positional})
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: rows ``beam_idx`` of every layer and of the padding / content state."""
+        super().reorder_cache(beam_idx)
+        self.tokens.select_rows(beam_idx.cpu())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.tokens.select_rows(torch.arange(self.tokens.rows()).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.tokens.select_rows(torch.arange(self.tokens.rows())[indices.cpu()])
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        self.layers[0].crop(0)
+
+    def activate_past_recording(self) -> None:
+        raise QuantsinkError("SinkQuantCache cannot be used by an assistant model (assisted decoding); "
+                             "allowed: plain, sampled or beam-search generation")
 
     # -- attention -----------------------------------------------------------------------
-    def attend(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, layer_idx: int, q: torch.Tensor, extras: Any) -> torch.Tensor:
         """Attention ``[B, Hq, L, D]`` of RoPE'd queries over layer ``layer_idx`` after its update."""
         layer = self.layers[layer_idx]
-        q_sink = self._sink_queries(layer, q)
+        check(not layer.consumed and layer.step is not None,
+              f"layer {layer_idx} attends without a SinkQuantCache update in this forward")
+        layer.consumed = True
+        check(extras.sliding_window == layer.sliding_window,
+              f"layer {layer_idx} attends with sliding_window={extras.sliding_window} but the cache was "
+              f"built for {layer.sliding_window}; allowed: SinkQuantCache.from_recipe(model, recipe)")
+        q_sink = self._sink_queries(layer_idx, layer, q)
         h = hadamard(q.shape[-1], q.device, q.dtype) if self.config.rotate else None
         if h is not None:
             q = q @ h
             q_sink = q_sink @ h if q_sink is not None else None
+        opts = dict(sink_logits=extras.sink_logits, softcap=extras.softcap)
         if q.shape[2] == 1:
-            layer.finish()  # a decode step sees its own flushes and evictions
-            key_mask = self._key_mask(layer)
+            layer.finish(next_query=layer.seen - 1)  # a decode step sees its own flushes and evictions
             body = layer.body_k if layer.body_k is not None and layer.body_k.num_tokens else None
             out = decode_attention(q, layer.sink_k, layer.sink_v, body, layer.body_v if body is not None else None,
-                                   layer.win_k, layer.win_v, scale, key_mask=key_mask,
-                                   q_sink=q_sink, backend=self.backend)
+                                   layer.win_k, layer.win_v, extras.scaling, key_mask=self._key_mask(layer),
+                                   q_sink=q_sink, sliding_window=layer.sliding_window, backend=self.backend,
+                                   **opts)
         else:
-            out = chunk_attention_ref(layer, q, scale, pad=self._padding, q_sink=q_sink)
+            out = chunk_attention_ref(layer, q, extras.scaling, pad=self.tokens.padding, q_sink=q_sink, **opts)
             layer.finish()
         return out @ h.T if h is not None else out
 
-    def _sink_queries(self, layer: SinkQuantLayer, q: torch.Tensor) -> torch.Tensor | None:
+    def _sink_queries(self, layer_idx: int, layer: SinkQuantLayer, q: torch.Tensor) -> torch.Tensor | None:
         """Queries rotated back by the evicted count at each query time (sinks only)."""
         step = layer.step
-        if self.config.max_cache_tokens is None or not layer.sink_pos:
+        if self.config.max_cache_tokens is None or not layer.sink_pos or layer.is_sliding:
             return None
         G = self.config.key_group_size
         done = torch.searchsorted(step.evict_time, step.q_pos, right=True)  # evictions at <= t
         shift = step.evicted_before + G * done
-        if not bool((shift > 0).any()):
+        moved = shift > 0
+        if not bool(moved.any()):
             return None
-        check(self.inv_freq is not None, "StreamingLLM mode needs a RoPE model (no inv_freq found)")
-        return rope_shift(q, shift.to(q.device), self.inv_freq.to(q.device))
+        q_sink = q.clone()  # queries before the first eviction keep their exact values
+        q_sink[:, :, moved] = self._rope[layer_idx](q[:, :, moved], shift[moved].to(q.device))
+        return q_sink
 
     def _key_mask(self, layer: SinkQuantLayer) -> torch.Tensor | None:
-        if self._padding is None:
+        if self.tokens.padding is None:
             return None
-        pos = layer.positions()
-        return self._padding[:, pos].to(layer.device)
+        return self.tokens.padding[:, layer.positions()].to(layer.device)
 
     # -- accounting ----------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -197,5 +243,6 @@ def resolve_kv_config(recipe: Any) -> KVConfig:
     if isinstance(recipe, Mapping) and "kv_cache" not in recipe and "name" not in recipe:
         return from_dict(KVConfig, recipe, "kv_cache")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    check(rec.kv_cache is not None, f"recipe {rec.name!r} has no kv_cache section")
+    check(rec.kv_cache is not None, f"recipe {rec.name!r} has no kv_cache section; allowed: a recipe with one "
+                                    "(e.g. kv-int4-sink, kv-int2-sink)")
     return rec.kv_cache

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from quantsink.errors import check
 
 SUPPORTED_KV_BITS = (2, 4, 8)
+MAX_GROUP = 1024  # tokens per key group / channels per value group
+MAX_SINKS = 4096  # fp16 sink positions (a handful is the point; a typo must not allocate billions)
+DENSE_DTYPES = ("half", "model")
 
 
 @dataclass
@@ -20,7 +23,8 @@ class KVConfig:
     ``value_symmetric`` stores one scale per value group and no zero (see
     :mod:`quantsink.kv.primitives`); ``key_outliers`` keeps that many fp16 outliers per
     channel and key group (:mod:`quantsink.kv.outliers`); ``rotate`` applies a Hadamard
-    rotation to head_dim.
+    rotation to head_dim. ``dense_dtype``: the sinks and the window are stored in fp16 (bf16
+    for bf16 models) with ``"half"``, or in the model's own dtype with ``"model"``.
     """
 
     key_bits: int = 4
@@ -36,16 +40,21 @@ class KVConfig:
     clip: bool = False
     value_symmetric: bool = False
     key_outliers: int = 0
+    dense_dtype: str = "half"
 
     def __post_init__(self) -> None:
+        check(self.dense_dtype in DENSE_DTYPES,
+              f"kv_cache.dense_dtype={self.dense_dtype!r} is not supported; allowed: {list(DENSE_DTYPES)}")
         for name in ("key_bits", "value_bits"):
             bits = getattr(self, name)
             check(bits in SUPPORTED_KV_BITS,
                   f"kv_cache.{name}={bits} is not supported; allowed: {list(SUPPORTED_KV_BITS)}")
         for name in ("key_group_size", "value_group_size"):
             g = getattr(self, name)
-            check(g > 0, f"kv_cache.{name} must be a positive integer, got {g}")
-        check(self.num_sinks >= 0, f"kv_cache.num_sinks must be >= 0, got {self.num_sinks}")
+            check(0 < g <= MAX_GROUP, f"kv_cache.{name} must be in 1..{MAX_GROUP}, got {g}")
+        check(0 <= self.num_sinks <= MAX_SINKS, f"kv_cache.num_sinks must be in 0..{MAX_SINKS}, got {self.num_sinks}")
+        check(self.content_sink_occurrences <= MAX_SINKS,
+              f"kv_cache.content_sink_occurrences must be <= {MAX_SINKS}, got {self.content_sink_occurrences}")
         check(self.window >= 0, f"kv_cache.window must be >= 0, got {self.window}")
         check(self.window == 0 or self.window >= self.key_group_size,
               f"kv_cache.window={self.window} is shorter than one key group "

@@ -14,18 +14,24 @@ more than ``M`` tokens are held, the oldest body group is evicted (sinks never a
 the time it was flushed and, per evicted group, the time it was evicted; the attention of
 that chunk uses them so that query ``t`` sees exactly the cache of token-by-token decoding.
 Evictions are applied by :meth:`SinkQuantLayer.finish` after the chunk's attention.
+
+Sliding-window layers (``sliding_window = W``: query ``q`` sees keys ``q - W < k <= q``)
+use the same layout and bits, keep only the leading positional sinks, and at each update
+drop the sinks and whole body groups that no query of the chunk or later can see, so they
+hold at most ``W + G`` body tokens besides the fp16 window; attention masks the rest by
+position. StreamingLLM eviction does not apply to them (they are bounded already).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+from quantsink.hf.cache_api import CacheLayerMixin
 
 from quantsink.errors import QuantsinkError, check
 from quantsink.kv.config import KVConfig
-from quantsink.kv.primitives import (PackedBlock, cat_blocks, quantize_keys, quantize_values,
-                                     slice_block)
+from quantsink.kv.primitives import (PackedBlock, cat_blocks, map_rows, quantize_keys,
+                                     quantize_values, slice_block)
 
 NEVER = torch.iinfo(torch.int64).max
 
@@ -45,13 +51,14 @@ class Step:
 class SinkQuantLayer(CacheLayerMixin):
     """Three-region KV storage of one attention layer (tensors ``[B, Hkv, T, D]``)."""
 
-    is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config: KVConfig) -> None:
+    def __init__(self, config: KVConfig, sliding_window: int | None = None) -> None:
         super().__init__()
-        self.cfg = config
+        self.cfg, self.sliding_window = config, sliding_window
+        self.is_sliding = sliding_window is not None
+        self.consumed = True  # the attention has read the last update
         self.sink_set: list[int] = []
         self.key_offset = 0
         self.sink_pos: list[int] = []
@@ -64,18 +71,30 @@ class SinkQuantLayer(CacheLayerMixin):
         self.step: Step | None = None
 
     def set_sinks(self, positions: list[int]) -> None:
-        """Absolute positions kept in fp16 (call before the first update)."""
-        self.sink_set = sorted(set(int(p) for p in positions))
+        """Absolute positions kept in fp16 (call before the first update).
+
+        A sliding layer keeps only the leading run ``0, 1, ...`` of them, so that its
+        non-sink positions stay consecutive (the decode kernel's window rule needs that).
+        """
+        wanted = sorted(set(int(p) for p in positions))
+        if self.is_sliding:
+            wanted = [p for i, p in enumerate(wanted) if p == i]
+        self.sink_set = wanted
         self.key_offset = sum(p < self.cfg.key_group_size for p in self.sink_set) % self.cfg.key_group_size
 
     def add_sinks(self, positions: list[int]) -> None:
-        """More sink positions (content sinks), none of them seen yet."""
+        """More sink positions (content sinks), none of them seen yet; none in sliding layers."""
         check(all(p >= self.seen for p in positions), "sinks can only be added for tokens not yet stored")
+        if self.is_sliding:
+            return
         self.sink_set = sorted(set(self.sink_set) | {int(p) for p in positions})
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.store_dtype = torch.bfloat16 if key_states.dtype == torch.bfloat16 else torch.float16
+        if self.cfg.dense_dtype == "model":
+            self.store_dtype = key_states.dtype
+        else:
+            self.store_dtype = torch.bfloat16 if key_states.dtype == torch.bfloat16 else torch.float16
         empty = key_states[:, :, :0].to(self.store_dtype)
         self.sink_k, self.sink_v, self.win_k, self.win_v = empty, empty, empty, empty
         self.is_initialized = True
@@ -86,6 +105,7 @@ class SinkQuantLayer(CacheLayerMixin):
         self.finish()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_shape(key_states)
         L = key_states.shape[2]
         pos = torch.arange(self.seen, self.seen + L)
         is_sink = torch.isin(pos, torch.tensor(self.sink_set, dtype=torch.long))
@@ -106,7 +126,21 @@ class SinkQuantLayer(CacheLayerMixin):
                          self._evictions(kept_before, L), self.evicted)
         self._flush(w0, new_times)
         self.seen += L
+        self.consumed = False
         return key_states, value_states
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store ``[B, H, L, D]`` keys/values that no attention will read now (benchmarks, tests)."""
+        self.update(key_states, value_states)
+        self.finish()
+        self.consumed = True
+
+    def _check_shape(self, key_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        held = tuple(self.sink_k.shape[i] for i in (0, 1, 3))
+        check(held == (B, H, D), f"the cache holds batch {held[0]}, {held[1]} KV heads, head_dim {held[2]}, "
+                                 f"but this forward brings batch {B}, {H} KV heads, head_dim {D}; allowed: "
+                                 "the same batch and model as the first forward, or cache.reset()")
 
     def _flush(self, w0: int, new_times: torch.Tensor) -> None:
         R, G, cfg = self.cfg.window, self.cfg.key_group_size, self.cfg
@@ -139,14 +173,20 @@ class SinkQuantLayer(CacheLayerMixin):
     def _evictions(self, kept_before: int, L: int) -> torch.Tensor:
         """Times at which the oldest body groups leave the cache during this chunk."""
         M, G = self.cfg.max_cache_tokens, self.cfg.key_group_size
-        if M is None or kept_before + L <= M:
+        if M is None or self.is_sliding or kept_before + L <= M:
             return torch.empty(0, dtype=torch.long)
         n_evict = -(-(kept_before + L - M) // G)
         return self.seen + (M - kept_before) + G * torch.arange(n_evict)
 
-    def finish(self) -> None:
-        """Apply the evictions of the last chunk and drop its transient data."""
+    def finish(self, next_query: int | None = None) -> None:
+        """Apply the evictions of the last chunk and drop its transient data.
+
+        A sliding layer also drops what no query at position ``>= next_query`` (default: the
+        next token) can see any more.
+        """
         step, self.step = self.step, None
+        if self.is_sliding:
+            self._slide((self.seen if next_query is None else next_query) - self.sliding_window)
         if step is None or step.evict_time.numel() == 0:
             return
         drop = step.evict_time.numel() * self.cfg.key_group_size
@@ -196,4 +236,57 @@ class SinkQuantLayer(CacheLayerMixin):
         return self.seen + query_length, 0
 
     def reset(self) -> None:
-        self.__init__(self.cfg)
+        self.__init__(self.cfg, self.sliding_window)
+
+    # -- sliding window ----------------------------------------------------------------
+    def _slide(self, threshold: int) -> None:
+        """Drop the sinks and whole body groups at positions ``<= threshold`` (seen by no query)."""
+        if not self.is_initialized or threshold < 0:
+            return
+        keep = [i for i, p in enumerate(self.sink_pos) if p > threshold]
+        if len(keep) < len(self.sink_pos):
+            idx = torch.tensor(keep, dtype=torch.long, device=self.sink_k.device)
+            self.sink_k, self.sink_v = self.sink_k.index_select(2, idx), self.sink_v.index_select(2, idx)
+            self.sink_pos = [self.sink_pos[i] for i in keep]
+        n_body = self.body_k.num_tokens if self.body_k is not None else 0
+        if n_body == 0:
+            return
+        pos = self.nonsink_positions(self.evicted, self.evicted + n_body)
+        count, G, off = int((pos <= threshold).sum()), self.cfg.key_group_size, self.body_k.offset
+        first = G - off if off else G  # the first group may be shortened by the sinks
+        drop = 0 if count < first else first + (count - first) // G * G
+        if drop:
+            self.body_k = slice_block(self.body_k, drop, n_body)
+            self.body_v = slice_block(self.body_v, drop, n_body)
+            self.evicted += drop
+
+    # -- batch operations (beam search) --------------------------------------------------
+    def _map_rows(self, fn) -> None:
+        """Apply ``fn`` (a map over the batch dim 0) to every stored tensor."""
+        self.finish()
+        if not self.is_initialized:
+            return
+        self.sink_k, self.sink_v, self.win_k, self.win_v = (fn(t) for t in (self.sink_k, self.sink_v,
+                                                                           self.win_k, self.win_v))
+        self.body_k = None if self.body_k is None else map_rows(self.body_k, fn)
+        self.body_v = None if self.body_v is None else map_rows(self.body_v, fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep rows ``beam_idx`` (in that order)."""
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices.to(t.device)])
+
+    def crop(self, max_length: int) -> None:
+        raise QuantsinkError("SinkQuantCache cannot be cropped (its packed body is append-only); allowed: "
+                             "generation without assisted decoding / DoLa / contrastive search")
+
+    def offload(self) -> None:
+        raise QuantsinkError("SinkQuantCache does not support offloading; allowed: keep it on its device")
+
+    def prefetch(self) -> None:
+        raise QuantsinkError("SinkQuantCache does not support offloading; allowed: keep it on its device")

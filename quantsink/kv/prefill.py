@@ -19,17 +19,22 @@ from __future__ import annotations
 
 import torch
 
+from quantsink.kv.attention import softmax_with_sinks
 from quantsink.kv.layer import NEVER, SinkQuantLayer
 from quantsink.kv.primitives import dequantize
 
 
 def chunk_attention_ref(layer: SinkQuantLayer, q: torch.Tensor, scale: float,
                         pad: torch.Tensor | None = None,
-                        q_sink: torch.Tensor | None = None) -> torch.Tensor:
+                        q_sink: torch.Tensor | None = None, *,
+                        sink_logits: torch.Tensor | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """Attention ``[B, Hq, L, D]`` of the chunk queries ``q`` recorded by ``layer.update``.
 
     ``pad``: optional bool ``[B, >= seen]`` (True = real token) indexed by absolute position.
     ``q_sink``: optional queries used for the sink region only (StreamingLLM).
+    ``sink_logits`` / ``softcap``: as in :func:`~quantsink.kv.attention.decode_attention_ref`;
+    a sliding layer's window (``layer.sliding_window``) is applied by position.
     """
     keys, values, pos, allowed = _extended(layer, q.dtype)  # k: [B, Hkv, S', D]; allowed [L, S']
     mask = allowed[None, None].to(q.device)
@@ -37,18 +42,23 @@ def chunk_attention_ref(layer: SinkQuantLayer, q: torch.Tensor, scale: float,
         mask = mask & pad[:, pos].to(q.device)[:, None, None, :]
     B, Hq, L, D = q.shape
     Hkv, S0 = keys.shape[1], layer.sink_k.shape[2]
-    if q_sink is None or S0 == 0:
+    plain = (q_sink is None or S0 == 0) and sink_logits is None and softcap is None
+    if plain:
         out = torch.nn.functional.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
         return out.nan_to_num(0.0)  # a fully padded query row attends to nothing
     g = Hq // Hkv
-    qf = q.float().reshape(B, Hkv, g * L, D)
-    s = torch.matmul(qf, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, g*L, S']
-    qs = q_sink.float().reshape(B, Hkv, g * L, D)
-    s[..., :S0] = torch.matmul(qs, keys[:, :, :S0].float().transpose(-1, -2)) * scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # compute dtype
+    qf = q.to(acc).reshape(B, Hkv, g * L, D)
+    s = torch.matmul(qf, keys.to(acc).transpose(-1, -2)) * scale  # [B, Hkv, g*L, S']
+    if q_sink is not None and S0 > 0:
+        qs = q_sink.to(acc).reshape(B, Hkv, g * L, D)
+        s[..., :S0] = torch.matmul(qs, keys[:, :, :S0].to(acc).transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.reshape(B, Hkv, g, L, -1).masked_fill(~mask[:, :, None], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0).reshape(B, Hkv, g * L, -1)
-    return torch.matmul(p, values.float()).reshape(B, Hq, L, D).to(q.dtype)
+    p = softmax_with_sinks(s, sink_logits, Hkv, g).reshape(B, Hkv, g * L, -1)
+    return torch.matmul(p, values.to(acc)).reshape(B, Hq, L, D).to(q.dtype)
 
 
 def _extended(layer: SinkQuantLayer, dtype: torch.dtype):
@@ -76,4 +86,6 @@ def _extended(layer: SinkQuantLayer, dtype: torch.dtype):
         gone = torch.cat([gone, fp_gone])
     t = step.q_pos[:, None]
     allowed = (pos[None] <= t) & (t >= first_seen[None]) & (t < gone[None])
+    if layer.sliding_window is not None:
+        allowed &= pos[None] > t - layer.sliding_window
     return torch.cat(ks, 2), torch.cat(vs, 2), pos, allowed

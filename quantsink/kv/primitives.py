@@ -230,3 +230,13 @@ def slice_block(block: PackedBlock, start: int, stop: int) -> PackedBlock:
 
     return PackedBlock(block.codes[:, :, start:stop], part(block.scale), part(block.zero), block.bits,
                        block.group_size, block.axis, off, part(block.outlier_idx), part(block.outlier_delta))
+
+
+def map_rows(block: PackedBlock, fn) -> PackedBlock:
+    """``block`` with ``fn`` (a map over the batch dim, e.g. ``index_select(0, idx)``) applied to
+    every tensor."""
+    def part(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else fn(t)
+
+    return PackedBlock(fn(block.codes), fn(block.scale), part(block.zero), block.bits, block.group_size,
+                       block.axis, block.offset, part(block.outlier_idx), part(block.outlier_delta))

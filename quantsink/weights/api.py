@@ -3,10 +3,11 @@
 ``quantize`` draws calibration windows, runs the calibration of
 :mod:`quantsink.calibration` (sink map, massive activations) when it is available,
 swaps the embedding / lm_head for int8 rows when the recipe asks for it, replaces every
-decoder Linear by a :class:`~quantsink.weights.linear.QuantLinear` layer by layer (their
-forwards run the exact float32 reference meanwhile), rounds the remaining floating-point
-tensors to fp16 (the precision they are exported in, so the exported checkpoint reproduces
-the in-memory model exactly), and records everything in ``model.config.quantization_config``.
+decoder Linear by a :class:`~quantsink.weights.linear.QuantLinear` and every MoE experts
+module by a :class:`~quantsink.weights.experts.QuantExperts`, layer by layer (their forwards
+run the exact float32 reference meanwhile), rounds the remaining floating-point tensors to
+fp16 (the precision they are exported in, so the exported checkpoint reproduces the
+in-memory model exactly), and records everything in ``model.config.quantization_config``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from torch import nn
 
 from quantsink.config import Recipe, load_recipe, to_dict
 from quantsink.errors import QuantsinkError, check
+from quantsink.hf.support import check_supported
 from quantsink.weights.backend import use_backend
+from quantsink.weights.coverage import check_quantizable, float_report
+from quantsink.weights.experts_quant import make_experts_quantizer
 from quantsink.weights.layer import make_group_quantizer, static_groups
 from quantsink.weights.runtime import prepare_model, quantize_embeddings
 from quantsink.weights.sequential import quantize_layers
@@ -105,16 +109,30 @@ def _quant_config(recipe: Recipe, cal: Any, modules: list[str]) -> Any:
 
 def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None,
              tokenizer: Any = None, progress: bool = True, *, samples: int | None = None,
-             seq_len: int | None = None, seed: int | None = None) -> Any:
+             seq_len: int | None = None, seed: int | None = None, format: str = "quantsink",
+             drop_outliers: bool = False, group_fallback: bool = False) -> Any:
     """Quantize ``model`` in place following ``recipe`` and return it.
 
     ``calib``: a LongTensor ``[N, L]`` of windows, or a text path / dataset name (needs
     ``tokenizer``); ``calibration``: a ``CalibrationResult`` or a directory saved from one.
     ``samples``/``seq_len``/``seed`` override the recipe's calibration section.
+    ``format``: the checkpoint format the result is meant for, ``"quantsink"`` or
+    ``"compressed-tensors"`` (pure int grids: no fp16 outlier channels, which the recipe may only
+    ask for with ``drop_outliers``; whole groups, or ``group_fallback`` for layers the recipe's
+    group size does not divide; see :mod:`quantsink.weights.compressed_tensors`).
     The per-module report is left in ``model.quantsink_report``.
     """
-    recipe = load_recipe(recipe)
+    # --- checkpoint format (compressed-tensors: issue #12) ---
+    from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS, plan_group_sizes, recipe_for_format
+
+    recipe = recipe_for_format(load_recipe(recipe), format, drop_outliers, group_fallback)
     check(not getattr(model, "quantsink_report", None), "this model is already quantized")
+    check_supported(model)  # one line, before any work, for models quantsink cannot run
+    check_quantizable(model)
+    plan = None
+    if format == COMPRESSED_TENSORS:
+        plan = plan_group_sizes(model, recipe.weights, group_fallback)
+    # --- end checkpoint format ---
     windows = _windows(calib, tokenizer, recipe, samples, seq_len, seed)
     cal = _calibration(model, tokenizer, windows, calibration, progress)
     wcfg = recipe.weights
@@ -128,17 +146,15 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     embeddings: list[dict] = []
     if wcfg is not None:
         embeddings = quantize_embeddings(model, wcfg.embedding_bits, wcfg.lm_head_bits)
-        forced = massive_channels(cal, limit=wcfg.outlier_channels // 4)
-        group_q = make_group_quantizer(wcfg, forced, _hidden_size(model))
-        static = static_groups(cal) if windows is None else None
         with use_backend("reference"):
-            reports = quantize_layers(model, windows, group_q, static_stats=static,
-                                      hessian=wcfg.algorithm == "gptq", progress=progress)
+            reports = _quantize_weights(model, wcfg, windows, cal, progress, plan)
     round_float_tensors_to_fp16(model)
-    model.config.quantization_config = _quant_config(recipe, cal, [r["name"] for r in reports])
+    modules = list(dict.fromkeys(r.get("module", r["name"]) for r in reports))  # experts: once
+    model.config.quantization_config = _quant_config(recipe, cal, modules)
     model.quantsink_report = {"modules": reports, "embeddings": embeddings,
                               "massive_channels": massive_channels(cal, 8),
-                              "calibration_windows": None if windows is None else list(windows.shape)}
+                              "calibration_windows": None if windows is None else list(windows.shape),
+                              **(float_report(model) if wcfg is not None else {})}
     model.quantsink_calibration = cal
     from quantsink.weights.hf_quantizer import attach_kv_generate
 
@@ -148,6 +164,25 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
 
 
 quantize_ = quantize
+
+
+def _quantize_weights(model: Any, wcfg: Any, windows: torch.Tensor | None, cal: Any,
+                      progress: bool, plan: dict | None = None) -> list[dict]:
+    """Every decoder Linear and MoE experts module quantized, layer by layer; the reports.
+
+    ``plan``: per-layer group sizes of a compressed-tensors export (no outlier channels).
+    """
+    forced = massive_channels(cal, limit=wcfg.outlier_channels // 4)
+    if plan is None:
+        group_q = make_group_quantizer(wcfg, forced, _hidden_size(model))
+    else:  # compressed-tensors: per-layer group sizes, no outliers
+        from quantsink.weights.compressed_tensors import group_quantizer
+
+        group_q = group_quantizer(wcfg, plan, _hidden_size(model))
+    experts_q = make_experts_quantizer(wcfg, forced, _hidden_size(model))
+    static = static_groups(cal) if windows is None else None
+    return quantize_layers(model, windows, group_q, static_stats=static,
+                           hessian=wcfg.algorithm == "gptq", progress=progress, quantize_experts=experts_q)
 
 
 def _hidden_size(model: Any) -> int:

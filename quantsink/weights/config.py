@@ -28,6 +28,8 @@ class WeightConfig:
     ``embedding_bits`` / ``lm_head_bits`` (None or 8) store the token embedding / lm_head as
     int8 rows with one fp16 scale each (:mod:`quantsink.weights.embedding`); when the model
     ties them, both must be equal and the shared tensor is quantized once.
+    MoE experts are quantized one by one, GPTQ on the tokens routed to each; an expert that
+    receives fewer than ``expert_min_tokens`` calibration tokens falls back to RTN (reported).
     """
 
     bits: int = 4
@@ -45,6 +47,7 @@ class WeightConfig:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     embedding_bits: int | None = None
     lm_head_bits: int | None = None
+    expert_min_tokens: int = 128
 
     def __post_init__(self) -> None:
         check(self.bits in SUPPORTED_WEIGHT_BITS,
@@ -69,3 +72,5 @@ class WeightConfig:
             check(v is None or (type(v) is int and v in SUPPORTED_EMBEDDING_BITS),
                   f"weights.{name}={v!r} is not supported; allowed: "
                   f"{list(SUPPORTED_EMBEDDING_BITS)} (null = keep floating point)")
+        check(self.expert_min_tokens >= 1,
+              f"weights.expert_min_tokens must be >= 1, got {self.expert_min_tokens}")

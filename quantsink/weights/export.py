@@ -18,23 +18,33 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from quantsink._fs import staged_dir
+from quantsink._fs import check_target, staged_dir
 from quantsink.errors import QuantsinkError, check
 
 SHARD_BYTES = 64 * 2**20
 
 
 def check_out_dir(out: str | Path, force: bool) -> Path:
-    """Validate the output path before any work: not a file; not an existing dir unless ``force``."""
+    """Validate the output path before any work: not a file; not an existing dir unless ``force``,
+    and with ``force`` only a previous quantsink checkpoint (never the working directory)."""
     out = Path(out)
+    check_target(out)
     check(not (out.exists() and not out.is_dir()),
           f"--out {str(out)!r} is an existing file; allowed: a new directory, or an existing "
           "directory with --force")
     check(not out.exists() or force, f"--out {str(out)!r} already exists; allowed: a new directory, "
                                      "or --force to replace it")
+    check(not out.exists() or not any(out.iterdir()) or _is_checkpoint(out),
+          f"--out {str(out)!r} is not a quantsink checkpoint, so --force will not replace it; allowed: "
+          "a new directory, an empty one, or a previous `quantsink quantize` output")
     check(out.parent.exists() if str(out.parent) else True,
           f"the parent directory of --out {str(out)!r} does not exist; allowed: an existing parent")
     return out
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A directory written by ``quantsink quantize`` (its report file is the marker)."""
+    return (path / "quantsink_report.json").is_file()
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -92,13 +102,30 @@ def _write_config(model: Any, folder: Path) -> None:
 
 
 def export(model: Any, tokenizer: Any, out: str | Path, recipe: Any = None,
-           report: dict | None = None, force: bool = False, max_shard_bytes: int = SHARD_BYTES) -> Path:
+           report: dict | None = None, force: bool = False, max_shard_bytes: int = SHARD_BYTES,
+           format: str = "quantsink") -> Path:
     """Write ``model`` (quantized by :func:`quantsink.quantize`) and ``tokenizer`` to ``out``.
 
     ``report`` (JSON-serialisable) is written as ``quantsink_report.json``. ``recipe`` is
     accepted for symmetry with ``quantize`` (the recipe already lives in the model config).
+    ``format="compressed-tensors"`` writes a pack-quantized checkpoint that transformers and
+    vLLM load without quantsink (:mod:`quantsink.weights.ct_export`; the model must have been
+    quantized with ``format="compressed-tensors"``).
     Refuses an existing ``out`` unless ``force``; returns the final directory.
     """
+    # --- checkpoint format (compressed-tensors: issue #12) ---
+    from quantsink.weights.compressed_tensors import (COMPRESSED_TENSORS, check_format,
+                                                      check_single_group_size)
+
+    if check_format(format) == COMPRESSED_TENSORS:
+        from quantsink.weights.ct_export import export_compressed
+
+        return export_compressed(model, tokenizer, out, report, force, max_shard_bytes)
+    qc = getattr(model.config, "quantization_config", None)
+    weights = (qc.to_dict() if hasattr(qc, "to_dict") else (qc or {})).get("weights") or {}
+    if weights:
+        check_single_group_size(model, int(weights["group_size"]))
+    # --- end checkpoint format ---
     out = check_out_dir(out, force)
     try:
         with staged_dir(out) as tmp:

@@ -4,14 +4,15 @@ Importing this module registers :class:`QuantsinkConfig` and :class:`QuantsinkHf
 Before the weights load, the quantizer swaps the Linear layers listed in
 ``quantization_config["modules"]`` for :class:`~quantsink.weights.linear.QuantLinear`
 shells (on the meta device); the loader then fills their buffers from the safetensors
-shards. After loading, ``model.generate`` is wrapped so that, when the checkpoint has a
-``kv_cache`` section and no ``past_key_values`` / ``cache_implementation`` is given, it
+shards. After loading, a checkpoint with a ``kv_cache`` section gets the default sink cache
+of :func:`quantsink.hf.generate.enable_default_cache`: ``generate`` (and ``pipeline``)
 builds the checkpoint's :class:`~quantsink.kv.cache.SinkQuantCache` with the calibrated
-sink map.
+sink map whenever the call brings no cache and no ``cache_implementation``.
+MoE experts modules listed there get :class:`~quantsink.weights.experts.QuantExperts` shells
+the same way (:func:`~quantsink.weights.experts_load.replace_experts_shells`).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from torch import nn
@@ -51,12 +52,13 @@ class QuantsinkHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        from quantsink.weights.experts_load import replace_experts_shells
         from quantsink.weights.linear import QuantLinear
         from quantsink.weights.outliers import outlier_count
         from quantsink.weights.sequential import set_submodule
 
         w = self.quantization_config.weights or {}
-        for name in self.quantization_config.modules:
+        for name in replace_experts_shells(model, self.quantization_config.modules, w):
             mod = model.get_submodule(name)
             check(isinstance(mod, nn.Linear), f"checkpoint module {name!r} is not a Linear layer")
             k = outlier_count(int(w.get("outlier_channels", 0)), mod.in_features)
@@ -100,22 +102,17 @@ def build_sink_cache(model: nn.Module) -> Any:
 
 
 def attach_kv_generate(model: nn.Module) -> None:
-    """Wrap ``model.generate`` to build the checkpoint's KV cache when none is given."""
+    """Give ``model.generate`` the checkpoint's sink cache as its default cache (if it has one)."""
+    from quantsink.hf.generate import enable_default_cache
+
     qc = getattr(model.config, "quantization_config", None)
-    if qc is None or not _get(qc, "kv_cache") or getattr(model, "_quantsink_generate", False):
-        return
-    original = model.generate
+    if qc is not None and _get(qc, "kv_cache"):
+        enable_default_cache(model, default_cache)
 
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        wants_cache = kwargs.get("use_cache", True) is not False
-        if wants_cache and kwargs.get("past_key_values") is None \
-                and kwargs.get("cache_implementation") is None:
-            kwargs["past_key_values"] = build_sink_cache(model)
-        return original(*args, **kwargs)
 
-    model.generate = generate
-    model._quantsink_generate = True
+def default_cache(model: nn.Module) -> Any:
+    """The cache ``generate`` builds for a quantsink model (looked up at call time)."""
+    return build_sink_cache(model)
 
 
 if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:

@@ -1,11 +1,15 @@
-"""Layer-by-layer quantization of a decoder's Linear layers.
+"""Layer-by-layer quantization of a decoder's Linear layers and MoE experts.
 
-The calibration windows are embedded once; then, for each decoder layer in turn, the layer
-runs on the hidden states produced by the already-quantized layers before it while hooks
-record, per distinct input tensor, the input absmax and (for GPTQ) ``H = X^T X / tokens``.
-Linear layers that read the same tensor (q/k/v, gate/up) form one group: they share the
-Hessian and the outlier channels, and are quantized as one stacked matrix. The quantized
-layer then runs again to produce the next layer's inputs.
+The model runs once on the calibration windows (:func:`quantsink.hf.capture.layer_by_layer`);
+just before each decoder layer runs, with the arguments the model gives it (its own mask,
+rotary table and extras, by layer type) and the hidden states produced by the
+already-quantized layers before it, the layer is run once more while hooks record, per
+distinct input tensor, the input absmax and (for GPTQ) ``H = X^T X / tokens``; experts
+modules are observed expert by expert (:mod:`quantsink.weights.expert_stats`). Linear
+layers that read the same tensor (q/k/v, gate/up) form one group: they share the Hessian
+and the outlier channels, and are quantized as one stacked matrix. The model's forward then
+runs the quantized layer, whose output the next layer receives. What is quantized is decided up front by :func:`quantsink.weights.coverage.layer_plan`
+(routers stay in floating point; an unknown matrix layout is refused with one line).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from quantsink.errors import check
+from quantsink.hf.arch import decoder_layers
+from quantsink.hf.capture import LayerCall, layer_by_layer
 
 
 @dataclass
@@ -30,52 +36,17 @@ class InputGroup:
     extra: dict = field(default_factory=dict)
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook once the first decoder layer's inputs are known."""
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(qualified name, ModuleList)`` of the decoder layers (``model.model.layers`` for Llama)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    check(isinstance(layers, nn.ModuleList),
-          f"{type(model).__name__} has no model.layers; allowed: Llama-style decoder models")
-    name = next(n for n, m in model.named_modules() if m is layers)
-    return name, layers
-
-
 @torch.no_grad()
-def capture_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Hidden states ``[N, L, H]`` entering the first decoder layer, and its keyword arguments."""
-    _, layers = decoder_layers(model)
-    seen: dict[str, Any] = {}
+def collect_groups(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, hessian: bool,
+                   linears: list[str] | None = None, experts: list[str] | None = None
+                   ) -> tuple[list[InputGroup], dict[str, Any]]:
+    """Run ``layer`` once with its own ``call``; group its Linear layers (all of them, or
+    ``linears``) by input tensor, and observe its ``experts`` modules.
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        seen["kwargs"] = kwargs
-        raise _StopForward
+    Returns ``(groups, {experts name: ExpertsObserver})``.
+    """
+    from quantsink.weights.expert_stats import ExpertsObserver
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model(windows.to(model.device), use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    kwargs = {k: v for k, v in seen["kwargs"].items() if k not in ("past_key_values", "use_cache")}
-    return seen["hidden"], kwargs
-
-
-def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One decoder layer's output hidden states ``[N, L, H]``."""
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def collect_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
-                   hessian: bool) -> list[InputGroup]:
-    """Run ``layer`` once and group its Linear layers by input tensor, with their statistics."""
     groups: dict[tuple, InputGroup] = {}
     alive: list[torch.Tensor] = []  # keeps inputs alive so that no address is reused in this pass
 
@@ -92,14 +63,18 @@ def collect_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
             groups[key] = InputGroup([name], x2.abs().amax(0), h, x2.shape[0])
         return hook
 
-    linears = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears]
+    if linears is None:
+        linears = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in linears]
+    observers = {n: ExpertsObserver(layer.get_submodule(n), n, hessian) for n in experts or []}
+    for obs in observers.values():
+        handles += obs.attach()
     try:
-        run_layer(layer, hidden, kwargs)
+        call.run(layer, hidden)
     finally:
         for h in handles:
             h.remove()
-    return list(groups.values())
+    return list(groups.values()), observers
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -109,26 +84,50 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+def _planned(groups: list[InputGroup], linears: list[str]) -> list[InputGroup]:
+    """Groups restricted to the planned Linear layers (routers are left out)."""
+    keep = set(linears)
+    for g in groups:
+        g.names = [n for n in g.names if n in keep]
+    return [g for g in groups if g.names]
+
+
 def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_group: Any,
-                    static_stats: Any = None, hessian: bool = True,
-                    progress: bool = True) -> list[dict]:
+                    static_stats: Any = None, hessian: bool = True, progress: bool = True,
+                    quantize_experts: Any = None) -> list[dict]:
     """Quantize every decoder layer in order; returns the per-module reports.
 
-    ``quantize_group(layer, prefix, group) -> list[dict]`` replaces a group's Linear layers.
+    ``quantize_group(layer, prefix, group) -> list[dict]`` replaces a group's Linear layers;
+    ``quantize_experts(layer, prefix, name, observer) -> list[dict]`` an experts module.
     Without ``windows``, ``static_stats(prefix, layer) -> list[InputGroup]`` supplies the
-    statistics instead (one group per Linear, no Hessian) and no forward pass runs.
+    statistics instead (one group per Linear, no Hessian), experts get no observer, and no
+    forward pass runs.
     """
+    from quantsink.weights.coverage import check_quantizable
+
     prefix, layers = decoder_layers(model)
-    hidden, kwargs = capture_inputs(model, windows) if windows is not None else (None, {})
+    plans = check_quantizable(model)  # refuse before any work
+    check(quantize_experts is not None or not any(p.experts for p in plans),
+          f"{type(model).__name__} has MoE experts but no experts quantizer was given")
     reports: list[dict] = []
-    for i, layer in enumerate(tqdm(layers, desc="quantize", unit="layer", disable=not progress)):
+    bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
+
+    def quantize(i: int, hidden: torch.Tensor | None, call: LayerCall | None) -> None:
+        layer, plan, name = layers[i], plans[i], f"{prefix}.{i}"
         if hidden is None:
-            groups = static_stats(f"{prefix}.{i}", layer)
+            groups, observers = static_stats(name, layer), {n: None for n in plan.experts}
         else:
-            groups = collect_groups(layer, hidden, kwargs, hessian)
-        for group in groups:
-            reports += quantize_group(layer, f"{prefix}.{i}", group)
-        if hidden is not None and i + 1 < len(layers):
-            with torch.no_grad():
-                hidden = run_layer(layer, hidden, kwargs)
+            groups, observers = collect_groups(layer, hidden, call, hessian, plan.linears, plan.experts)
+        for group in _planned(groups, plan.linears):
+            reports.extend(quantize_group(layer, name, group))
+        for experts_name, observer in observers.items():
+            reports.extend(quantize_experts(layer, name, experts_name, observer))
+        bar.update(1)
+
+    with bar:
+        if windows is None:
+            for i in range(len(layers)):
+                quantize(i, None, None)
+        else:  # the model's own forward runs each freshly quantized layer, with its own arguments
+            layer_by_layer(model, windows, quantize)
     return reports
