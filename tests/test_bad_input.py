@@ -41,7 +41,7 @@ def work(tmp_path_factory):
         "version.yaml": "version: 2\n" + W4,
         "sinks.yaml": KV + "  num_sinks: 1000000000\n",
         "bigroup.yaml": KV.replace("key_group_size: 16", "key_group_size: 100000"),
-        "vgroup.yaml": KV.replace("value_group_size: 16", "value_group_size: 48"),
+        "vgroup.yaml": KV.replace("value_group_size: 16", "value_group_size: 12"),
         "text.jsonl": '{"text": 42}\n',
         "nonutf8.txt": None, "nonutf8.yaml": None,
     }

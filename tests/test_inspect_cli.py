@@ -61,7 +61,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "dir without weights": (["--model", str(no_weights)], "has no weights; allowed"),
         "pickled bin": (["--model", str(tmp_path / "pickled")], "refusing pickled checkpoint"),
         "unknown alias": (["--model", "smollm9-1b"], "unknown model alias 'smollm9-1b'; allowed"),
-        "samples 0": (["--calib-samples", "0"], "--calib-samples must be >= 1, got 0"),
+        "samples 0": (["--calib-samples", "0"], "--calib-samples must be in 1..4096, got 0"),
         "seq len 1": (["--calib-seq-len", "1"], "--calib-seq-len must be >= 2, got 1"),
         "empty calib": (["--calib", str(tmp_path / "empty.txt")], "is empty; allowed"),
         "short calib": (["--calib", str(tmp_path / "short.txt")], "shorter than one window of 512; allowed"),
@@ -91,7 +91,8 @@ def test_bad_input_is_one_line_exit_2(case: str, tmp_path: Path, capsys) -> None
 def test_out_dir_with_foreign_files_is_refused_before_the_pass(tmp_path: Path, capsys) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    rc = main(["inspect", "--model", str(tmp_path / "nope"), "--calib", "x.txt",
+    (tmp_path / "x.txt").write_text("some text\n")
+    rc = main(["inspect", "--model", str(tmp_path / "nope"), "--calib", str(tmp_path / "x.txt"),
                "--out", str(tmp_path / "mine")])
     err = capsys.readouterr().err
     assert rc == 2 and "is a non-empty directory that is not a quantsink report" in err

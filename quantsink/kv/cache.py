@@ -95,9 +95,10 @@ class SinkQuantCache(Cache):
     def _check_shapes(self, model: Any) -> None:
         """Recipe values that depend on the model: head_dim, context length."""
         cfg, name, dim = self.config, type(model).__name__, arch.head_dim(model)
-        check(dim % cfg.value_group_size == 0,
+        group = min(cfg.value_group_size, dim)  # a value group never spans two heads
+        check(dim % group == 0,
               f"kv_cache.value_group_size={cfg.value_group_size} does not divide {name}'s head_dim {dim}; "
-              f"allowed: a divisor of {dim}")
+              f"allowed: a divisor of {dim}, or >= {dim} for one group per head")
         check(not cfg.rotate or dim & (dim - 1) == 0,
               f"kv_cache.rotate needs a power-of-two head_dim, {name} has {dim}; allowed: rotate: false")
         context = arch.context_length(model)

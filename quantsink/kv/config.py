@@ -16,7 +16,8 @@ class KVConfig:
     """Sink-aware KV cache quantization settings.
 
     Keys are quantized per channel in groups of ``key_group_size`` tokens, values per
-    token in groups of ``value_group_size`` channels. ``num_sinks`` leading positions
+    token in groups of ``value_group_size`` channels (a group never spans two heads: a size of
+    head_dim or more is one group per head). ``num_sinks`` leading positions
     (or the calibrated sink map) and the last ``window`` tokens stay in fp16/bf16. With
     ``content_sinks``, the first ``content_sink_occurrences`` occurrences per sequence of
     every content-sink token id of the calibrated sink map stay in fp16 too.
