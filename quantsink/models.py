@@ -106,22 +106,29 @@ def _probe_hub(spec: str) -> None:
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check(path.is_dir(), f"model path {str(path)!r} is not a directory or .gguf file")
     ggufs = sorted(path.glob("*.gguf"))
     if not (path / "config.json").exists() and ggufs:
         return _load_hf_dir(_gguf_to_hf(ggufs[0]), dtype, device)
     use_safetensors = _check_weights(path)
+    tok = load_tokenizer(path)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=use_safetensors)
+    return model.to(device).eval(), tok
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of a Hugging Face directory (one line when it has none)."""
+    from transformers import AutoTokenizer
+
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise QuantsinkError(f"directory {str(path)!r} has no usable tokenizer ({str(exc).splitlines()[0][:100]}); "
                              "allowed: a Hugging Face model directory with tokenizer files "
                              "(tokenizer.json / tokenizer_config.json)") from None
-    with _quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=use_safetensors)
-    return model.to(device).eval(), tok
 
 
 @contextlib.contextmanager

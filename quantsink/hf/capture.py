@@ -144,6 +144,11 @@ def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor
 
 
 def _device(model: nn.Module) -> torch.device:
+    """Where the model computes: its first tensor not on the meta device (a streamed model
+    keeps the layers it is not running there)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
     return next(model.parameters()).device
 
 

@@ -135,27 +135,8 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     # --- end checkpoint format ---
     windows = _windows(calib, tokenizer, recipe, samples, seq_len, seed)
     cal = _calibration(model, tokenizer, windows, calibration, progress)
-    wcfg = recipe.weights
-    if needs_calibration(recipe) and windows is None:
-        stats = getattr(cal, "stats", None) or {}
-        check(wcfg.algorithm == "rtn" and any(k.startswith("act_absmax/") for k in stats),
-              f"recipe {recipe.name!r} (weights.algorithm={wcfg.algorithm}, outlier_channels="
-              f"{wcfg.outlier_channels}) needs calibration data; allowed: --calib PATH (or calib=...), "
-              "or --calibration ARTIFACT for rtn recipes")
-    reports: list[dict] = []
-    embeddings: list[dict] = []
-    if wcfg is not None:
-        embeddings = quantize_embeddings(model, wcfg.embedding_bits, wcfg.lm_head_bits)
-        with use_backend("reference"):
-            reports = _quantize_weights(model, wcfg, windows, cal, progress, plan)
-    round_float_tensors_to_fp16(model)
-    modules = list(dict.fromkeys(r.get("module", r["name"]) for r in reports))  # experts: once
-    model.config.quantization_config = _quant_config(recipe, cal, modules)
-    model.quantsink_report = {"modules": reports, "embeddings": embeddings,
-                              "massive_channels": massive_channels(cal, 8),
-                              "calibration_windows": None if windows is None else list(windows.shape),
-                              **(float_report(model) if wcfg is not None else {})}
-    model.quantsink_calibration = cal
+    check_calibration_data(recipe, windows, cal)
+    apply_recipe(model, recipe, windows, cal, progress, plan)
     from quantsink.weights.hf_quantizer import attach_kv_generate
 
     prepare_model(model)  # the kernels the exported checkpoint will pick on reload
@@ -166,11 +147,45 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
 quantize_ = quantize
 
 
+def check_calibration_data(recipe: Recipe, windows: torch.Tensor | None, cal: Any) -> None:
+    """One line when the recipe needs calibration data that neither ``windows`` nor ``cal`` has."""
+    wcfg = recipe.weights
+    if needs_calibration(recipe) and windows is None:
+        stats = getattr(cal, "stats", None) or {}
+        check(wcfg.algorithm == "rtn" and any(k.startswith("act_absmax/") for k in stats),
+              f"recipe {recipe.name!r} (weights.algorithm={wcfg.algorithm}, outlier_channels="
+              f"{wcfg.outlier_channels}) needs calibration data; allowed: --calib PATH (or calib=...), "
+              "or --calibration ARTIFACT for rtn recipes")
+
+
+def apply_recipe(model: Any, recipe: Recipe, windows: torch.Tensor | None, cal: Any, progress: bool,
+                 plan: dict | None = None, store: Any = None) -> None:
+    """The quantization itself, after the calibration: int8 embedding / lm_head rows, every
+    decoder layer (``store``: a :class:`~quantsink.weights.sequential.LayerStore`), the rest
+    rounded to fp16, ``quantization_config`` and ``model.quantsink_report``."""
+    wcfg = recipe.weights
+    reports: list[dict] = []
+    embeddings: list[dict] = []
+    if wcfg is not None:
+        embeddings = quantize_embeddings(model, wcfg.embedding_bits, wcfg.lm_head_bits)
+        with use_backend("reference"):
+            reports = _quantize_weights(model, wcfg, windows, cal, progress, plan, store)
+    round_float_tensors_to_fp16(model)
+    modules = list(dict.fromkeys(r.get("module", r["name"]) for r in reports))  # experts: once
+    model.config.quantization_config = _quant_config(recipe, cal, modules)
+    model.quantsink_report = {"modules": reports, "embeddings": embeddings,
+                              "massive_channels": massive_channels(cal, 8),
+                              "calibration_windows": None if windows is None else list(windows.shape),
+                              **(float_report(model) if wcfg is not None else {})}
+    model.quantsink_calibration = cal
+
+
 def _quantize_weights(model: Any, wcfg: Any, windows: torch.Tensor | None, cal: Any,
-                      progress: bool, plan: dict | None = None) -> list[dict]:
+                      progress: bool, plan: dict | None = None, store: Any = None) -> list[dict]:
     """Every decoder Linear and MoE experts module quantized, layer by layer; the reports.
 
-    ``plan``: per-layer group sizes of a compressed-tensors export (no outlier channels).
+    ``plan``: per-layer group sizes of a compressed-tensors export (no outlier channels);
+    ``store``: where streamed layers come from (:mod:`quantsink.weights.streaming`).
     """
     forced = massive_channels(cal, limit=wcfg.outlier_channels // 4)
     if plan is None:
@@ -182,7 +197,8 @@ def _quantize_weights(model: Any, wcfg: Any, windows: torch.Tensor | None, cal: 
     experts_q = make_experts_quantizer(wcfg, forced, _hidden_size(model))
     static = static_groups(cal) if windows is None else None
     return quantize_layers(model, windows, group_q, static_stats=static,
-                           hessian=wcfg.algorithm == "gptq", progress=progress, quantize_experts=experts_q)
+                           hessian=wcfg.algorithm == "gptq", progress=progress, quantize_experts=experts_q,
+                           store=store)
 
 
 def _hidden_size(model: Any) -> int:

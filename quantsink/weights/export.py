@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -47,43 +47,64 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / "quantsink_report.json").is_file()
 
 
-def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors to save: state dict, tied duplicates removed, floats other than fp16 -> fp16."""
+def export_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as the checkpoint stores it: floats other than fp16 -> fp16, on the CPU, contiguous."""
+    if t.is_floating_point() and t.dtype != torch.float16:
+        t = t.half()
+    return t.detach().cpu().contiguous()
+
+
+def checkpoint_tensors(model: torch.nn.Module, skip: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors to save: state dict, tied duplicates removed, floats other than fp16 -> fp16.
+
+    ``skip``: leave out the names starting with it (a streamed export's decoder layers).
+    """
     seen: set[int] = set()
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
+        if skip is not None and name.startswith(skip):
+            continue
         if t.data_ptr() in seen and t.numel() > 0:
             continue  # a tied weight (lm_head = embed_tokens)
         seen.add(t.data_ptr())
-        if t.is_floating_point() and t.dtype != torch.float16:
-            t = t.half()
-        tensors[name] = t.detach().cpu().contiguous()
+        tensors[name] = export_tensor(t)
     return tensors
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Tensor names by shard: sorted by name, a new shard once ``max_bytes`` would be passed."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+    for name in sorted(sizes):
+        if shards[-1] and size + sizes[name] > max_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
+        shards[-1].append(name)
+        size += sizes[name]
     return shards
 
 
 def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int = SHARD_BYTES) -> int:
     """Write sharded safetensors + index into ``folder``; returns the total tensor bytes."""
-    shards = _shards(tensors, max_bytes)
+    sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    return write_planned_shards(sizes, lambda names: {n: tensors[n] for n in names}, folder, max_bytes)
+
+
+def write_planned_shards(sizes: dict[str, int], read: Callable[[list[str]], dict[str, torch.Tensor]],
+                         folder: Path, max_bytes: int = SHARD_BYTES) -> int:
+    """:func:`write_shards` for tensors known by their byte sizes and read shard by shard
+    (``read(names)`` returns them as :func:`export_tensor` makes them); the same files."""
+    shards = plan_shards(sizes, max_bytes)
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
+    for i, names in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        shard = read(names)
+        shard = {n: shard[n] for n in names}
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
         for name, t in shard.items():
             weight_map[name] = fname
             total += t.numel() * t.element_size()
+        del shard
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total
@@ -126,10 +147,22 @@ def export(model: Any, tokenizer: Any, out: str | Path, recipe: Any = None,
     if weights:
         check_single_group_size(model, int(weights["group_size"]))
     # --- end checkpoint format ---
+    check_out_dir(out, force)  # before any work
+    tensors = checkpoint_tensors(model)
+    sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    return write_checkpoint(model, tokenizer, out, sizes, lambda names: {n: tensors[n] for n in names},
+                            report, force, max_shard_bytes)
+
+
+def write_checkpoint(model: Any, tokenizer: Any, out: str | Path, sizes: dict[str, int],
+                     read: Callable[[list[str]], dict[str, torch.Tensor]], report: dict | None,
+                     force: bool, max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """The checkpoint directory of :func:`export`, staged then renamed into place; the tensors
+    come shard by shard from ``read`` (see :func:`write_planned_shards`)."""
     out = check_out_dir(out, force)
     try:
         with staged_dir(out) as tmp:
-            total = write_shards(checkpoint_tensors(model), tmp, max_shard_bytes)
+            total = write_planned_shards(sizes, read, tmp, max_shard_bytes)
             _write_config(model, tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))

@@ -10,11 +10,14 @@ layers that read the same tensor (q/k/v, gate/up) form one group: they share the
 and the outlier channels, and are quantized as one stacked matrix. The model's forward then
 runs the quantized layer, whose output the next layer receives. What is quantized is decided up front by :func:`quantsink.weights.coverage.layer_plan`
 (routers stay in floating point; an unknown matrix layout is refused with one line).
+A :class:`LayerStore` (streamed quantization, :mod:`quantsink.weights.streaming`) brings each
+layer in from disk just before it is visited, keeps what was quantized, and may hand back a
+layer finished by an earlier run instead (it is not quantized again).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -34,6 +37,20 @@ class InputGroup:
     hessian: torch.Tensor | None = None  # [in, in] float32, X^T X / tokens
     tokens: int = 0
     extra: dict = field(default_factory=dict)
+
+
+class LayerStore(Protocol):
+    """Where the layers of a streamed quantization come from and go to."""
+
+    def begin(self, i: int, layer: nn.Module) -> list[dict] | None:
+        """Make layer ``i`` usable; its reports when an earlier run finished it (then it holds
+        the quantized tensors and is not quantized again), else None (float weights)."""
+
+    def end(self, i: int, layer: nn.Module, reports: list[dict]) -> None:
+        """Layer ``i`` has just been quantized (the model runs it next)."""
+
+    def close(self) -> None:
+        """The layer loop is over."""
 
 
 @torch.no_grad()
@@ -94,14 +111,14 @@ def _planned(groups: list[InputGroup], linears: list[str]) -> list[InputGroup]:
 
 def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_group: Any,
                     static_stats: Any = None, hessian: bool = True, progress: bool = True,
-                    quantize_experts: Any = None) -> list[dict]:
+                    quantize_experts: Any = None, store: LayerStore | None = None) -> list[dict]:
     """Quantize every decoder layer in order; returns the per-module reports.
 
     ``quantize_group(layer, prefix, group) -> list[dict]`` replaces a group's Linear layers;
     ``quantize_experts(layer, prefix, name, observer) -> list[dict]`` an experts module.
     Without ``windows``, ``static_stats(prefix, layer) -> list[InputGroup]`` supplies the
     statistics instead (one group per Linear, no Hessian), experts get no observer, and no
-    forward pass runs.
+    forward pass runs. ``store``: see :class:`LayerStore`.
     """
     from quantsink.weights.coverage import check_quantizable
 
@@ -114,6 +131,12 @@ def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_gro
 
     def quantize(i: int, hidden: torch.Tensor | None, call: LayerCall | None) -> None:
         layer, plan, name = layers[i], plans[i], f"{prefix}.{i}"
+        done = None if store is None else store.begin(i, layer)
+        if done is not None:
+            reports.extend(done)
+            bar.update(1)
+            return
+        first = len(reports)
         if hidden is None:
             groups, observers = static_stats(name, layer), {n: None for n in plan.experts}
         else:
@@ -122,12 +145,18 @@ def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_gro
             reports.extend(quantize_group(layer, name, group))
         for experts_name, observer in observers.items():
             reports.extend(quantize_experts(layer, name, experts_name, observer))
+        if store is not None:
+            store.end(i, layer, reports[first:])
         bar.update(1)
 
     with bar:
-        if windows is None:
-            for i in range(len(layers)):
-                quantize(i, None, None)
-        else:  # the model's own forward runs each freshly quantized layer, with its own arguments
-            layer_by_layer(model, windows, quantize)
+        try:
+            if windows is None:
+                for i in range(len(layers)):
+                    quantize(i, None, None)
+            else:  # the model's own forward runs each freshly quantized layer, with its own arguments
+                layer_by_layer(model, windows, quantize)
+        finally:
+            if store is not None:
+                store.close()
     return reports
