@@ -3,6 +3,7 @@
     quantsink quantize [--model M] --recipe NAME|file.yaml [--calib PATH]
                        [--calibration ARTIFACT] --out DIR [--force] [--eval PATH]
                        [--format quantsink|compressed-tensors] [--drop-outliers] [--group-fallback]
+                       [--stream [--resume] [--device cpu|cuda]]
 """
 from __future__ import annotations
 
@@ -30,7 +31,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-ctx", type=int, default=2048, help="window length for --eval (default 2048)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_format_args(p)
+    add_stream_args(p)
     p.set_defaults(run=run)
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    """``--stream``, ``--resume``, ``--device`` (models bigger than memory, issue #12)."""
+    p.add_argument("--stream", action="store_true",
+                   help="quantize layer by layer from the safetensors on disk (for models bigger "
+                        "than memory): only the layer being quantized is in memory; finished layers "
+                        "go to OUT.partial/; same checkpoint bytes as without --stream")
+    p.add_argument("--resume", action="store_true",
+                   help="with --stream: continue the killed run left in OUT.partial/ (same model, "
+                        "recipe and calibration), giving the same bytes as an uninterrupted run")
+    p.add_argument("--device", default="cpu",
+                   help="with --stream: cpu (default) or cuda, where the current layer is "
+                        "calibrated and quantized")
 
 
 def add_format_args(p: argparse.ArgumentParser) -> None:
@@ -69,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from quantsink.weights.summary import build_report, format_summary
 
     check_out_dir(args.out, args.force)  # before any heavy work
+    _check_stream_args(args)
     recipe = recipe_for_format(load_recipe(args.recipe), args.format, args.drop_outliers,
                                args.group_fallback)
     check_calib_args(args)
@@ -82,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
                                              f"--eval-ctx={args.eval_ctx}; allowed: >= --eval-ctx")
     progress = not args.quiet
     t0 = time.perf_counter()
+    if args.stream:
+        return _run_streamed(args, recipe, progress, t0)
     model, tok = load_model(args.model)
     ids = eval_tokens(tok, args.eval, args.eval_tokens) if args.eval else None
     ppl_before = _ppl(model, ids, args.eval_ctx, progress, "ppl fp") if ids is not None else None
@@ -99,4 +118,33 @@ def run(args: argparse.Namespace) -> int:
     if args.format == COMPRESSED_TENSORS:
         print(f"{COMPRESSED_TENSORS} pack-quantized checkpoint: AutoModelForCausalLM.from_pretrained"
               f"({str(out)!r}) needs no quantsink; serve with `vllm serve {out}`")
+    return 0
+
+
+def _check_stream_args(args: argparse.Namespace) -> None:
+    from quantsink.errors import check
+
+    for flag, used in (("--resume", args.resume), ("--device", args.device != "cpu")):
+        check(args.stream or not used, f"{flag} works with --stream only; allowed: --stream {flag} ..., "
+                                       f"or no {flag}")
+    if args.stream:
+        from quantsink.weights.streaming import check_device, check_stream_format, stream_source
+
+        check_stream_format(args.format)
+        check(not args.eval, "--eval needs the whole model in memory, so it does not work with --stream; "
+                             "allowed: `quantsink eval` on the written checkpoint")
+        check_device(args.device)
+        stream_source(args.model)
+
+
+def _run_streamed(args: argparse.Namespace, recipe, progress: bool, t0: float) -> int:
+    from quantsink.weights.streaming import quantize_streaming
+    from quantsink.weights.summary import format_summary
+
+    out, report = quantize_streaming(args.model, recipe, args.out, calib=args.calib,
+                                     calibration=args.calibration, samples=args.calib_samples,
+                                     seq_len=args.calib_seq_len, seed=args.seed, resume=args.resume,
+                                     force=args.force, device=args.device, progress=progress,
+                                     format=args.format)
+    print(format_summary(report, out, time.perf_counter() - t0))
     return 0

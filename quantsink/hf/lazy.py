@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -133,24 +133,39 @@ def release(module: nn.Module) -> None:
             mod._plan = None  # QuantLinear's derived kernel data
 
 
-def materialize_rest(model: nn.Module, reader: CheckpointReader,
-                     device: str | torch.device = "cpu") -> None:
+def _head(model: nn.Module) -> tuple[str | None, bool]:
+    """(module name of the lm_head, whether it is tied to the input embedding)."""
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    return name, name is not None and bool(getattr(text_config(model), "tie_word_embeddings", False))
+
+
+def materialize_rest(model: nn.Module, reader: CheckpointReader, device: str | torch.device = "cpu",
+                     with_head: bool = True) -> None:
     """Everything outside the decoder layers (embeddings, final norm, lm_head) from ``reader``;
-    a tied lm_head (``tie_word_embeddings``) shares the embedding's weight, as when loading."""
+    a tied lm_head (``tie_word_embeddings``) shares the embedding's weight, as when loading.
+    ``with_head=False`` leaves an untied lm_head on the meta device (:func:`materialize_head`
+    reads it later: the calibration and layer passes never run it)."""
     prefix, _ = decoder_layers(model)
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = bool(getattr(text_config(model), "tie_word_embeddings", False)) and head is not None
-    head_name = next((n for n, m in model.named_modules() if m is head), None) if tied else None
-    skip = (prefix + ".",) + ((f"{head_name}.weight",) if tied else ())
+    head_name, tied = _head(model)
+    skip = (prefix + ".",) + ((f"{head_name}.",) if tied or not with_head else ())
     materialize(model, "", reader, device, skip)
     if tied:
-        head.weight = emb.weight
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+def materialize_head(model: nn.Module, reader: CheckpointReader, device: str | torch.device = "cpu") -> None:
+    """Read an lm_head left out by ``materialize_rest(with_head=False)`` (no-op otherwise)."""
+    head_name, tied = _head(model)
+    if head_name is not None and not tied:
+        materialize(model.get_submodule(head_name), f"{head_name}.", reader, device)
 
 
 @contextmanager
-def streamed_forward(model: nn.Module, reader: CheckpointReader,
-                     device: str | torch.device = "cpu") -> Iterator[None]:
-    """Every decoder layer is read from disk just before it runs and released right after."""
+def streamed_forward(model: nn.Module, reader: CheckpointReader, device: str | torch.device = "cpu",
+                     on_release: Callable[[], None] | None = None) -> Iterator[None]:
+    """Every decoder layer is read from disk just before it runs and released right after
+    (then ``on_release()`` runs, e.g. to hand the freed heap back to the OS)."""
     prefix, layers = decoder_layers(model)
     depth = [0] * len(layers)
 
@@ -166,6 +181,8 @@ def streamed_forward(model: nn.Module, reader: CheckpointReader,
             depth[i] -= 1
             if depth[i] == 0:
                 release(module)
+                if on_release is not None:
+                    on_release()
         return hook
 
     handles = []

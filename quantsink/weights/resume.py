@@ -71,8 +71,8 @@ _WHAT = {"model": "another model (config.json or weight files differ)",
 class WorkDir:
     """The work directory of one streamed run (see the module docstring)."""
 
-    def __init__(self, path: Path, manifest: dict) -> None:
-        self.path, self.manifest = path, manifest
+    def __init__(self, path: Path, manifest: dict, resume: bool = False) -> None:
+        self.path, self.manifest, self.resume = path, manifest, resume
 
     @classmethod
     def open(cls, path: Path, manifest: dict, resume: bool, force: bool) -> "WorkDir":
@@ -96,12 +96,12 @@ class WorkDir:
         differ = [k for k in manifest if not isinstance(old, dict) or old.get(k) != manifest[k]] or [""]
         check(not differ[0], f"--resume: work directory {str(path)!r} was made for "
                              f"{_WHAT.get(differ[0], differ[0])}; allowed: the same "
-                          "--model, recipe and calibration, or remove it (or --force) to start over")
-        return cls(path, manifest)
+                             "--model, recipe and calibration, or remove it (or --force) to start over")
+        return cls(path, manifest, resume=True)
 
     def create(self) -> None:
-        """Make the directory with its manifest, unless resuming a matching one."""
-        if (self.path / MANIFEST).is_file() and self._matches():
+        """Make the directory with its manifest (an old one is replaced), unless resuming."""
+        if self.resume and (self.path / MANIFEST).is_file() and self._matches():
             self._clean_temporaries()
             return
         if self.path.exists():

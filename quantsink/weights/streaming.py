@@ -85,9 +85,12 @@ class LayerStore:
         self.work.save_layer(i, tensors, reports)
 
     def close(self) -> None:
+        from quantsink.weights.runtime import release_freed_memory
+
         if self.last is not None:
             lazy.release(self.last)
             self.last = None
+            release_freed_memory()
 
 
 def _install_shells(layer: nn.Module, prefix: str, reports: list[dict], wcfg: Any) -> None:
@@ -128,7 +131,9 @@ def _calibrate(model: nn.Module, tok: Any, windows: torch.Tensor | None, calibra
     saved = work.calibration_dir()
     if (saved / "calibration.json").is_file():
         return CalibrationResult.load(saved)
-    with lazy.streamed_forward(model, reader, device):
+    from quantsink.weights.runtime import release_freed_memory
+
+    with lazy.streamed_forward(model, reader, device, release_freed_memory):
         cal = _calibration(model, tok, windows, None, progress)
     cal.save(saved)
     return cal
@@ -156,13 +161,18 @@ def _write(model: nn.Module, tok: Any, out: Path, report: dict, force: bool, wor
     return write_checkpoint(model, tok, out, sizes, read, report, force)
 
 
-def _refuse_unsupported(model: nn.Module, recipe: Any, fmt: str) -> None:
+def check_stream_format(fmt: str) -> None:
+    """--stream writes the native format only (one line otherwise)."""
+    from quantsink.weights.compressed_tensors import FORMATS
+
+    check(fmt == FORMATS[0], f"--stream writes the {FORMATS[0]} format only; allowed: --format "
+                             f"{FORMATS[0]}, or --format {fmt} without --stream")
+
+
+def _refuse_unsupported(model: nn.Module, recipe: Any) -> None:
     from quantsink.hf.support import check_supported
-    from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS
     from quantsink.weights.coverage import check_quantizable
 
-    check(fmt != COMPRESSED_TENSORS, "--stream writes the quantsink format only; allowed: --format "
-                                     "quantsink, or --format compressed-tensors without --stream")
     check(recipe.weights is not None, f"recipe {recipe.name!r} has no weights section, so --stream has "
                                       "nothing to quantize layer by layer; allowed: a weights recipe")
     check_supported(model)
@@ -190,10 +200,11 @@ def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, cali
     from quantsink.weights.export import check_out_dir
     from quantsink.weights.summary import build_report
 
+    check_stream_format(format)
     recipe = recipe_for_format(load_recipe(recipe), format, False, False)
     out, dev, path = check_out_dir(out, force), check_device(device), stream_source(model_dir)
     tok, reader, model = load_tokenizer(path), lazy.CheckpointReader(path), lazy.build_skeleton(path)
-    _refuse_unsupported(model, recipe, format)
+    _refuse_unsupported(model, recipe)
     windows = _windows(calib, tok, recipe, samples, seq_len, seed)
     n_layers = len(decoder_layers(model)[1])
     manifest = manifest_for(lazy.weights_fingerprint(path), recipe, format, windows, calibration,
@@ -201,11 +212,14 @@ def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, cali
     work = WorkDir.open(work_dir_for(out), manifest, resume, force)  # nothing written before this
     work.create()
     with torch.no_grad():
-        lazy.materialize_rest(model, reader, dev)
+        lazy.materialize_rest(model, reader, dev, with_head=False)  # an lm_head: when it is needed
         cal = _calibrate(model, tok, windows, calibration, reader, work, progress, dev)
         check_calibration_data(recipe, windows, cal)
+        if recipe.weights.lm_head_bits is not None:
+            lazy.materialize_head(model, reader, dev)  # quantized to int8 rows before the layers
         apply_recipe(model, recipe, windows, cal, progress,
                      store=LayerStore(model, reader, work, recipe.weights, dev))
+        lazy.materialize_head(model, reader, dev)  # a float lm_head: for the checkpoint only
     report = build_report(model, recipe)
     final = _write(model, tok, out, report, force, work)
     work.remove()
