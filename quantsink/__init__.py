@@ -4,6 +4,7 @@ Public API (imported lazily, so ``import quantsink`` is cheap and needs no trito
 
     model, tok = quantsink.load_model("smollm2-135m")
     recipe = quantsink.load_recipe("int4-sink")
+    quantsink.quantize_streaming("big-model/", "w4-g64", "out/", calib="calib.txt")  # from disk
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ _EXPORTS = {
     "quantize_": "quantsink.weights.api",
     "load": "quantsink.weights.api",
     "export": "quantsink.weights.export",
+    "quantize_streaming": "quantsink.weights.streaming",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -180,3 +180,24 @@ def test_force_starts_over(root: Path, stale_work: Path, in_memory: dict, monkey
     assert _quantize(root, "llama", stale_work, "--stream", "--force") == 0
     _same_dirs(in_memory["llama"], stale_work)
     assert not work.exists()
+
+
+def test_sharded_source_and_output(root: Path, tmp_path: Path) -> None:
+    """A checkpoint in several shards (with an index) streams; several output shards match."""
+    import quantsink
+    from quantsink.weights.streaming import quantize_streaming
+    from quantsink.weights.summary import build_report
+
+    src = tmp_path / "sharded"
+    tiny_models.build("qwen2", seed=5).save_pretrained(src, max_shard_size="40KB")
+    tiny_models.char_tokenizer().save_pretrained(src)
+    assert len(list(src.glob("*.safetensors"))) > 2
+    windows = tiny_models.token_ids(32, batch=3)
+    model, tok = quantsink.load_model(str(src))
+    quantsink.quantize(model, "int4-sink", calib=windows, progress=False)
+    quantsink.export(model, tok, tmp_path / "mem", report=build_report(model, quantsink.load_recipe("int4-sink")),
+                     max_shard_bytes=16384)
+    out, _ = quantize_streaming(src, "int4-sink", tmp_path / "stream", calib=windows, progress=False,
+                                max_shard_bytes=16384)
+    assert len(list(out.glob("model-*.safetensors"))) > 3
+    _same_dirs(tmp_path / "mem", out)

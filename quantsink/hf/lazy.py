@@ -52,11 +52,9 @@ class CheckpointReader:
                            "built from its config.json expects it); allowed: a checkpoint saved by "
                            "transformers for this architecture, or quantize without --stream")
         out: dict[str, torch.Tensor] = {}
-        for f in dict.fromkeys(self.where[n] for n in names):
-            with safe_open(str(f), framework="pt") as handle:
-                for n in names:
-                    if self.where[n] == f:
-                        out[n] = handle.get_tensor(n).clone()
+        for n in names:  # one mapping per tensor: its pages are dropped as soon as it is copied
+            with safe_open(str(self.where[n]), framework="pt") as handle:
+                out[n] = handle.get_tensor(n).clone()
         return out
 
 

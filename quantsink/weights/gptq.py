@@ -24,13 +24,16 @@ def _inverse_hessian(h: torch.Tensor, w: torch.Tensor, damp: float, n_quant: int
     The mean runs over the quantized columns only: a massive outlier channel would
     otherwise inflate the damping until GPTQ degenerates into RTN. Dead columns of ``w``
     (zero input) are zeroed."""
-    h = h.double().clone()
+    h = h.to(torch.float64, copy=True)
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     diag = torch.arange(h.shape[0])
     h[diag, diag] += damp * torch.diagonal(h)[:n_quant].mean()
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    lower = torch.linalg.cholesky(h)
+    del h  # at most two [n, n] float64 matrices alive at a time (memory of big layers)
+    hinv = torch.cholesky_inverse(lower)
+    del lower
     return torch.linalg.cholesky(hinv, upper=True).float()
 
 
@@ -59,7 +62,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_quant: int, bits: int, gro
         scale, zero = group_params(w[:, :n_quant], bits, group_size, symmetric,
                                    col_weight=diag_h[:n_quant], **grid_kw)
     w, diag_h = w[:, order], diag_h[order]
-    u = _inverse_hessian(h[order][:, order], w, damp, max(n_quant, 1))  # [n, n] upper
+    u = _inverse_hessian(h[order[:, None], order], w, damp, max(n_quant, 1))  # [n, n] upper
     wt = w.T.contiguous()  # [n, out]: one input column per row, contiguous
     codes_t = torch.zeros(n_quant, out, dtype=torch.uint8)  # storage order
     state = _State(wt, u, diag_h, order, codes_t, scale, zero)

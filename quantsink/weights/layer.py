@@ -39,7 +39,7 @@ def quantize_matrix(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, force
     if cfg.algorithm == "gptq":
         check(group.hessian is not None, "GPTQ needs the layer Hessian; pass calibration windows")
         perm = torch.cat([keep, idx])
-        h = group.hessian[perm][:, perm]
+        h = group.hessian[perm[:, None], perm]  # one gather, no [perm] intermediate
         codes, scale, zero, rest = gptq_quantize(w[:, perm], h, keep.numel(), cfg.bits,
                                                  cfg.group_size, cfg.symmetric, cfg.damp,
                                                  cfg.act_order, **grid)

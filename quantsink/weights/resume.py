@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from quantsink.errors import check
+from quantsink.errors import QuantsinkError, check
 
 WORK_VERSION = 1
 MANIFEST = "manifest.json"
@@ -142,8 +142,14 @@ class WorkDir:
 
         target = self.layer_file(i)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"reports": json.dumps(reports)})
-        os.replace(tmp, target)
+        try:
+            save_file(tensors, str(tmp), metadata={"reports": json.dumps(reports)})
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise QuantsinkError(f"writing layer {i} to the work directory {str(self.path)!r} failed "
+                                 f"({exc.strerror or type(exc).__name__}); the {i} finished layers are "
+                                 "kept; allowed: free some space, then the same command with --resume") from None
         if os.environ.get(STOP_ENV) == str(i):  # tests only: a run killed halfway
             os.kill(os.getpid(), signal.SIGKILL)
 

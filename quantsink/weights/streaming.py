@@ -139,9 +139,11 @@ def _calibrate(model: nn.Module, tok: Any, windows: torch.Tensor | None, calibra
     return cal
 
 
-def _write(model: nn.Module, tok: Any, out: Path, report: dict, force: bool, work: WorkDir) -> Path:
+def _write(model: nn.Module, tok: Any, out: Path, report: dict, force: bool, work: WorkDir,
+           max_shard_bytes: int | None = None) -> Path:
     """The checkpoint, assembled shard by shard from the work directory and the rest."""
-    from quantsink.weights.export import checkpoint_tensors, export_tensor, write_checkpoint
+    from quantsink.weights.export import (SHARD_BYTES, checkpoint_tensors, export_tensor,
+                                          write_checkpoint)
 
     prefix, layers = decoder_layers(model)
     rest = checkpoint_tensors(model, skip=prefix + ".")
@@ -158,7 +160,8 @@ def _write(model: nn.Module, tok: Any, out: Path, report: dict, force: bool, wor
             got.update({n: export_tensor(t) for n, t in part.items()})
         return got
 
-    return write_checkpoint(model, tok, out, sizes, read, report, force)
+    return write_checkpoint(model, tok, out, sizes, read, report, force,
+                            max_shard_bytes or SHARD_BYTES)
 
 
 def check_stream_format(fmt: str) -> None:
@@ -185,13 +188,15 @@ def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, cali
                        calibration: Any = None, *, samples: int | None = None,
                        seq_len: int | None = None, seed: int | None = None, resume: bool = False,
                        force: bool = False, device: str = "cpu", progress: bool = True,
-                       format: str = "quantsink") -> tuple[Path, dict]:
+                       format: str = "quantsink", max_shard_bytes: int | None = None
+                       ) -> tuple[Path, dict]:
     """Quantize the checkpoint in ``model_dir`` layer by layer from disk and write ``out``.
 
     The arguments are :func:`quantsink.quantize`'s (``calib``: windows ``[N, L]`` or a text
     path / dataset name, tokenized with the model's tokenizer); ``resume`` continues the run
     left in ``<out>.partial`` (see :mod:`quantsink.weights.resume`); ``device="cuda"`` runs
-    the calibration and quantization of the current layer on the GPU. Returns ``(out, report)``.
+    the calibration and quantization of the current layer on the GPU; ``max_shard_bytes`` as in
+    :func:`quantsink.export`. Returns ``(out, report)``.
     """
     from quantsink.config import load_recipe
     from quantsink.models import load_tokenizer
@@ -221,6 +226,6 @@ def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, cali
                      store=LayerStore(model, reader, work, recipe.weights, dev))
         lazy.materialize_head(model, reader, dev)  # a float lm_head: for the checkpoint only
     report = build_report(model, recipe)
-    final = _write(model, tok, out, report, force, work)
+    final = _write(model, tok, out, report, force, work, max_shard_bytes)
     work.remove()
     return final, report
