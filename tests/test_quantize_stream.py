@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_the_same_bytes(root: Path, in_memory: dict) -> No
 
 
 @pytest.fixture()
-def stale_work(root: Path, tmp_path: Path, monkeypatch) -> Path:
+def stale_work(root: Path, tmp_path: Path, monkeypatch, capsys) -> Path:
     """A killed llama run's work directory (after layer 0), via the test hook in-process."""
     out = tmp_path / "out"
     monkeypatch.setenv(STOP_ENV, "0")
@@ -104,6 +104,7 @@ def stale_work(root: Path, tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setattr(os, "kill", kill)
     assert _quantize(root, "llama", out, "--stream") == 130
     assert killed and not out.exists()
+    assert "--resume continues" in capsys.readouterr().err
     return out
 
 

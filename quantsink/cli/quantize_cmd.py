@@ -141,10 +141,24 @@ def _run_streamed(args: argparse.Namespace, recipe, progress: bool, t0: float) -
     from quantsink.weights.streaming import quantize_streaming
     from quantsink.weights.summary import format_summary
 
-    out, report = quantize_streaming(args.model, recipe, args.out, calib=args.calib,
-                                     calibration=args.calibration, samples=args.calib_samples,
-                                     seq_len=args.calib_seq_len, seed=args.seed, resume=args.resume,
-                                     force=args.force, device=args.device, progress=progress,
-                                     format=args.format)
+    import sys
+
+    from quantsink.cli import Terminated
+    from quantsink.weights.resume import work_dir_for
+
+    try:
+        out, report = quantize_streaming(args.model, recipe, args.out, calib=args.calib,
+                                         calibration=args.calibration, samples=args.calib_samples,
+                                         seq_len=args.calib_seq_len, seed=args.seed,
+                                         resume=args.resume, force=args.force, device=args.device,
+                                         progress=progress, format=args.format)
+    except (KeyboardInterrupt, Terminated) as exc:
+        work = work_dir_for(args.out)
+        if work.is_dir():
+            sys.stderr.write(f"quantsink: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}, "
+                             f"--out was not written; the finished layers are kept in {str(work)!r}: "
+                             "the same command with --resume continues\n")
+            return 143 if isinstance(exc, Terminated) else 130
+        raise
     print(format_summary(report, out, time.perf_counter() - t0))
     return 0
