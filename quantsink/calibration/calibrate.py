@@ -17,7 +17,7 @@ from quantsink.calibration.detect import (Thresholds, find_content_sinks, find_p
 from quantsink.calibration.sinkmap import SinkMap
 from quantsink.data import calibration_windows
 from quantsink.errors import check
-from quantsink.hf.arch import decoder_layers, decoder_stack, text_config
+from quantsink.hf.arch import decoder_layers, decoder_stack, model_device, text_config
 from quantsink.hf.support import check_supported
 from quantsink.weights.coverage import check_quantizable
 
@@ -42,7 +42,7 @@ def calibrate(model: Any, tokenizer: Any, calib: str | Path | torch.Tensor, samp
     vocab = max(int(cfg.vocab_size), int(windows.max()) + 1)
     collector = Collector(len(decoder_layers(model)[1]), vocab, th)
     batch = max(1, min(8, _ATTN_BYTES // (4 * cfg.num_attention_heads * windows.shape[1] ** 2)))
-    device = next(model.parameters()).device
+    device = model_device(model)
     stack = decoder_stack(model)  # the decoder without the LM head: no [B, L, vocab] logits
     with attached(model, collector), torch.no_grad():
         for start in tqdm(range(0, windows.shape[0], batch), desc="calibrate", disable=not progress,

@@ -63,6 +63,15 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                          f"supported: {SUPPORTED_FAMILIES}")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its first tensor not on the meta device (a streamed model keeps
+    the modules it is not running there)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return next(model.parameters()).device
+
+
 def decoder_stack(model: nn.Module) -> nn.Module:
     """The module that owns the decoder layers (it receives the cache of every forward)."""
     path, _ = decoder_layers(model)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quantsink.errors import check
-from quantsink.hf.arch import SUPPORTED_FAMILIES, decoder_layers
+from quantsink.hf.arch import SUPPORTED_FAMILIES, decoder_layers, model_device
 from quantsink.hf.forward import CACHE_NAMES
 
 
@@ -109,7 +109,7 @@ def layer_by_layer(model: nn.Module, input_ids: torch.Tensor,
                for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(visitor.stop))
     try:
-        model(input_ids=input_ids.to(_device(model)), use_cache=False)
+        model(input_ids=input_ids.to(model_device(model)), use_cache=False)
     except _Captured:
         pass
     finally:
@@ -141,15 +141,6 @@ def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor
 
     layer_by_layer(model, input_ids, visit)
     return first[0], calls
-
-
-def _device(model: nn.Module) -> torch.device:
-    """Where the model computes: its first tensor not on the meta device (a streamed model
-    keeps the layers it is not running there)."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.device.type != "meta":
-            return t.device
-    return next(model.parameters()).device
 
 
 def same_call(a: Any, b: Any) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -159,18 +159,38 @@ def materialize_head(model: nn.Module, reader: CheckpointReader, device: str | t
         materialize(model.get_submodule(head_name), f"{head_name}.", reader, device)
 
 
-@contextmanager
-def streamed_forward(model: nn.Module, reader: CheckpointReader, device: str | torch.device = "cpu",
-                     on_release: Callable[[], None] | None = None) -> Iterator[None]:
-    """Every decoder layer is read from disk just before it runs and released right after
-    (then ``on_release()`` runs, e.g. to hand the freed heap back to the OS)."""
-    prefix, layers = decoder_layers(model)
-    depth = [0] * len(layers)
+def streamable_embedding(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(name, module)]`` of an input embedding that can be read on demand (a plain, untied
+    ``nn.Embedding``; it runs once per forward), else ``[]``."""
+    emb = model.get_input_embeddings()
+    head_name, tied = _head(model)
+    if type(emb) is not nn.Embedding or tied:
+        return []
+    return [(next(n for n, m in model.named_modules() if m is emb), emb)]
 
-    def pre(i: int):
+
+def materialize_missing(model: nn.Module, reader: CheckpointReader,
+                        device: str | torch.device = "cpu") -> None:
+    """Read whatever is still on the meta device outside the decoder layers (a streamed
+    embedding, a float lm_head), e.g. before writing the checkpoint."""
+    prefix, _ = decoder_layers(model)
+    head_name, tied = _head(model)
+    materialize(model, "", reader, device, (prefix + ".",) + ((f"{head_name}.",) if tied else ()))
+
+
+@contextmanager
+def streamed_modules(modules: list[tuple[str, nn.Module]], reader: CheckpointReader,
+                     device: str | torch.device = "cpu",
+                     on_release: Callable[[], None] | None = None) -> Iterator[None]:
+    """Each ``(name, module)`` is read from disk just before it runs and released right after
+    (then ``on_release()`` runs, e.g. to hand the freed heap back to the OS); re-entrant calls
+    read nothing more."""
+    depth = [0] * len(modules)
+
+    def pre(i: int, prefix: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if depth[i] == 0:
-                materialize(module, f"{prefix}.{i}.", reader, device)
+                materialize(module, prefix, reader, device)
             depth[i] += 1
         return hook
 
@@ -184,16 +204,25 @@ def streamed_forward(model: nn.Module, reader: CheckpointReader, device: str | t
         return hook
 
     handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True, prepend=True))
-        handles.append(layer.register_forward_hook(post(i), with_kwargs=True, prepend=True))
+    for i, (name, mod) in enumerate(modules):
+        handles.append(mod.register_forward_pre_hook(pre(i, f"{name}."), with_kwargs=True, prepend=True))
+        handles.append(mod.register_forward_hook(post(i), with_kwargs=True, prepend=True))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        for layer in layers:
-            release(layer)
+        for _, mod in modules:
+            release(mod)
+
+
+def streamed_forward(model: nn.Module, reader: CheckpointReader, device: str | torch.device = "cpu",
+                     on_release: Callable[[], None] | None = None,
+                     extra: list[tuple[str, nn.Module]] = ()) -> Any:
+    """:func:`streamed_modules` over every decoder layer (and the ``extra`` modules)."""
+    prefix, layers = decoder_layers(model)
+    pairs = [*extra, *((f"{prefix}.{i}", layer) for i, layer in enumerate(layers))]
+    return streamed_modules(pairs, reader, device, on_release)
 
 
 def weights_fingerprint(path: str | Path) -> dict:

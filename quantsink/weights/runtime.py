@@ -126,6 +126,20 @@ def _malloc_trim() -> Any:
         return None
 
 
+def fixed_mmap_threshold(nbytes: int = 2**20) -> None:
+    """Serve every allocation of ``nbytes`` or more by its own mapping (glibc; a no-op elsewhere).
+
+    glibc raises its mmap threshold (up to 32 MB) after big frees, and then serves tensors
+    below it from the heap, where the streamed quantizer's per-layer weights fragmented it:
+    peak RSS grew with the number of layers. A fixed threshold returns every freed weight."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        return
+
+
 def release_freed_memory() -> None:
     """Hand the heap memory freed by the conversion back to the OS (glibc; a no-op elsewhere).
 

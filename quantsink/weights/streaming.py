@@ -120,7 +120,8 @@ def _export_nbytes(dtype: str, shape: list[int]) -> int:
 
 
 def _calibrate(model: nn.Module, tok: Any, windows: torch.Tensor | None, calibration: Any,
-               reader: lazy.CheckpointReader, work: WorkDir, progress: bool, device: torch.device) -> Any:
+               reader: lazy.CheckpointReader, work: WorkDir, progress: bool, device: torch.device,
+               extra: list = ()) -> Any:
     """The calibration result: the artifact given, the one saved by an earlier run, or a
     streamed calibration pass (saved for a resume)."""
     from quantsink.calibration import CalibrationResult
@@ -133,10 +134,32 @@ def _calibrate(model: nn.Module, tok: Any, windows: torch.Tensor | None, calibra
         return CalibrationResult.load(saved)
     from quantsink.weights.runtime import release_freed_memory
 
-    with lazy.streamed_forward(model, reader, device, release_freed_memory):
+    with lazy.streamed_forward(model, reader, device, release_freed_memory, extra):
         cal = _calibration(model, tok, windows, None, progress)
     cal.save(saved)
     return cal
+
+
+def _quantize_streamed(model: nn.Module, recipe: Any, windows: torch.Tensor | None, calibration: Any,
+                       tok: Any, reader: lazy.CheckpointReader, work: WorkDir, progress: bool,
+                       dev: torch.device) -> None:
+    """Calibration and layer loop; a float embedding and lm_head are read only when they run
+    (the embedding once per forward) and for the checkpoint."""
+    from quantsink.weights.api import apply_recipe, check_calibration_data
+    from quantsink.weights.runtime import release_freed_memory
+
+    lazy.materialize_rest(model, reader, dev, with_head=False)
+    emb = lazy.streamable_embedding(model) if recipe.weights.embedding_bits is None else []
+    for _, mod in emb:
+        lazy.release(mod)
+    cal = _calibrate(model, tok, windows, calibration, reader, work, progress, dev, emb)
+    check_calibration_data(recipe, windows, cal)
+    if recipe.weights.lm_head_bits is not None:
+        lazy.materialize_head(model, reader, dev)  # quantized to int8 rows before the layers
+    with lazy.streamed_modules(emb, reader, dev, release_freed_memory):
+        apply_recipe(model, recipe, windows, cal, progress,
+                     store=LayerStore(model, reader, work, recipe.weights, dev))
+    lazy.materialize_missing(model, reader, dev)  # float embedding / lm_head: for the checkpoint
 
 
 def _write(model: nn.Module, tok: Any, out: Path, report: dict, force: bool, work: WorkDir,
@@ -200,9 +223,10 @@ def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, cali
     """
     from quantsink.config import load_recipe
     from quantsink.models import load_tokenizer
-    from quantsink.weights.api import _windows, apply_recipe, check_calibration_data
+    from quantsink.weights.api import _windows
     from quantsink.weights.compressed_tensors import recipe_for_format
     from quantsink.weights.export import check_out_dir
+    from quantsink.weights.runtime import fixed_mmap_threshold
     from quantsink.weights.summary import build_report
 
     check_stream_format(format)
@@ -216,15 +240,9 @@ def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, cali
                             str(dev), n_layers)
     work = WorkDir.open(work_dir_for(out), manifest, resume, force)  # nothing written before this
     work.create()
+    fixed_mmap_threshold()  # freed layers go back to the OS, whatever their size
     with torch.no_grad():
-        lazy.materialize_rest(model, reader, dev, with_head=False)  # an lm_head: when it is needed
-        cal = _calibrate(model, tok, windows, calibration, reader, work, progress, dev)
-        check_calibration_data(recipe, windows, cal)
-        if recipe.weights.lm_head_bits is not None:
-            lazy.materialize_head(model, reader, dev)  # quantized to int8 rows before the layers
-        apply_recipe(model, recipe, windows, cal, progress,
-                     store=LayerStore(model, reader, work, recipe.weights, dev))
-        lazy.materialize_head(model, reader, dev)  # a float lm_head: for the checkpoint only
+        _quantize_streamed(model, recipe, windows, calibration, tok, reader, work, progress, dev)
     report = build_report(model, recipe)
     final = _write(model, tok, out, report, force, work, max_shard_bytes)
     work.remove()
