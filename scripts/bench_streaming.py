@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from quantsink.weights.resume import STOP_ENV
+
 CHILD = """
 import json, sys, time, torch
 from quantsink.weights.streaming import quantize_streaming
@@ -32,7 +35,7 @@ g = torch.Generator().manual_seed(0)
 windows = torch.randint(4, a["vocab"], (a["samples"], a["seq_len"]), generator=g)
 t0 = time.perf_counter()
 out, report = quantize_streaming(a["model"], a["recipe"], a["out"], calib=windows, progress=True,
-                                 resume=a["resume"], force=True)
+                                 resume=a["resume"], force=not a["resume"])
 print(json.dumps({"seconds": round(time.perf_counter() - t0, 1),
                   "checkpoint_bytes": sum(f.stat().st_size for f in out.iterdir())}))
 """
@@ -93,10 +96,13 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: DIR/out)")
     p.add_argument("--resume", action="store_true", help="continue a killed run's work directory")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="test hook: the child SIGKILLs itself after this layer (then rerun with --resume)")
     p.add_argument("--clean", action="store_true")
     args = p.parse_args()
-    model, out = args.dir / "model", args.dir / "out"
+    model, out = args.dir / "model", args.out or args.dir / "out"
     if not (model / "model.safetensors.index.json").is_file():
         t0 = time.perf_counter()
         create(model, args)
@@ -104,8 +110,15 @@ def main() -> None:
     weight_bytes = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     spec = {"model": str(model), "recipe": args.recipe, "out": str(out), "vocab": args.vocab,
             "samples": args.samples, "seq_len": args.seq_len, "resume": args.resume}
+    env = dict(os.environ)
+    if args.stop_after is not None:
+        env[STOP_ENV] = str(args.stop_after)
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], stdout=subprocess.PIPE,
-                          text=True, check=True)
+                          text=True, env=env)
+    if proc.returncode != 0:
+        print(json.dumps({"returncode": proc.returncode, "work_dir_layers": len(list(
+            Path(f"{out}.partial").glob("layer-*.safetensors")))}))
+        return
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps({"weight_bytes": weight_bytes, "peak_rss_bytes": peak,

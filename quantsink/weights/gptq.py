@@ -62,7 +62,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_quant: int, bits: int, gro
         scale, zero = group_params(w[:, :n_quant], bits, group_size, symmetric,
                                    col_weight=diag_h[:n_quant], **grid_kw)
     w, diag_h = w[:, order], diag_h[order]
-    u = _inverse_hessian(h[order[:, None], order], w, damp, max(n_quant, 1))  # [n, n] upper
+    h = h[order[:, None], order] if act_order else h  # storage order: no [n, n] copy
+    u = _inverse_hessian(h, w, damp, max(n_quant, 1))  # [n, n] upper
     wt = w.T.contiguous()  # [n, out]: one input column per row, contiguous
     codes_t = torch.zeros(n_quant, out, dtype=torch.uint8)  # storage order
     state = _State(wt, u, diag_h, order, codes_t, scale, zero)

@@ -143,6 +143,7 @@ def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_gro
             groups, observers = collect_groups(layer, hidden, call, hessian, plan.linears, plan.experts)
         for group in _planned(groups, plan.linears):
             reports.extend(quantize_group(layer, name, group))
+            group.hessian = None  # [in, in] each: freed as soon as the group is done
         for experts_name, observer in observers.items():
             reports.extend(quantize_experts(layer, name, experts_name, observer))
         if store is not None:

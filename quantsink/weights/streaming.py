@@ -219,7 +219,8 @@ def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, cali
     path / dataset name, tokenized with the model's tokenizer); ``resume`` continues the run
     left in ``<out>.partial`` (see :mod:`quantsink.weights.resume`); ``device="cuda"`` runs
     the calibration and quantization of the current layer on the GPU; ``max_shard_bytes`` as in
-    :func:`quantsink.export`. Returns ``(out, report)``.
+    :func:`quantsink.export`. Returns ``(out, report)``. Side effect: the process keeps a fixed
+    glibc mmap threshold (:func:`~quantsink.weights.runtime.fixed_mmap_threshold`).
     """
     from quantsink.config import load_recipe
     from quantsink.models import load_tokenizer
