@@ -34,7 +34,9 @@ def _inverse_hessian(h: torch.Tensor, w: torch.Tensor, damp: float, n_quant: int
     del h  # at most two [n, n] float64 matrices alive at a time (memory of big layers)
     hinv = torch.cholesky_inverse(lower)
     del lower
-    return torch.linalg.cholesky(hinv, upper=True).float()
+    upper = torch.linalg.cholesky(hinv, upper=True)
+    del hinv
+    return upper.float()
 
 
 def _quant_col(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int

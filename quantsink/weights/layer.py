@@ -29,7 +29,9 @@ def is_ignored(name: str, ignore: list[str]) -> bool:
 
 def quantize_matrix(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(codes [out, n_q], scale [out, G], zero [out, G], outlier_idx [k], outlier_w [out, k])``."""
+    """``(codes [out, n_q], scale [out, G], zero [out, G], outlier_idx [k], outlier_w [out, k])``.
+
+    GPTQ consumes ``group.hessian`` (set to None once gathered in the quantization order)."""
     n = w.shape[1]
     k = outlier_count(cfg.outlier_channels, n)
     scores = channel_scores(group.absmax, w, cfg.outlier_score)
@@ -40,6 +42,7 @@ def quantize_matrix(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, force
         check(group.hessian is not None, "GPTQ needs the layer Hessian; pass calibration windows")
         perm = torch.cat([keep, idx])
         h = group.hessian[perm[:, None], perm]  # one gather, no [perm] intermediate
+        group.hessian = None  # consumed: a big layer's [in, in] matrix is not kept twice
         codes, scale, zero, rest = gptq_quantize(w[:, perm], h, keep.numel(), cfg.bits,
                                                  cfg.group_size, cfg.symmetric, cfg.damp,
                                                  cfg.act_order, **grid)
