@@ -196,8 +196,8 @@ def test_sharded_source_and_output(root: Path, tmp_path: Path) -> None:
     windows = tiny_models.token_ids(32, batch=3)
     model, tok = quantsink.load_model(str(src))
     quantsink.quantize(model, "int4-sink", calib=windows, progress=False)
-    quantsink.export(model, tok, tmp_path / "mem", report=build_report(model, quantsink.load_recipe("int4-sink")),
-                     max_shard_bytes=16384)
+    report = build_report(model, quantsink.load_recipe("int4-sink"))
+    quantsink.export(model, tok, tmp_path / "mem", report=report, max_shard_bytes=16384)
     out, _ = quantize_streaming(src, "int4-sink", tmp_path / "stream", calib=windows, progress=False,
                                 max_shard_bytes=16384)
     assert len(list(out.glob("model-*.safetensors"))) > 3

@@ -149,7 +149,8 @@ class WorkDir:
             tmp.unlink(missing_ok=True)
             raise QuantsinkError(f"writing layer {i} to the work directory {str(self.path)!r} failed "
                                  f"({exc.strerror or type(exc).__name__}); the {i} finished layers are "
-                                 "kept; allowed: free some space, then the same command with --resume") from None
+                                 "kept; allowed: free some space, then the same command with "
+                                 "--resume") from None
         if os.environ.get(STOP_ENV) == str(i):  # tests only: a run killed halfway
             os.kill(os.getpid(), signal.SIGKILL)
 
