@@ -202,3 +202,9 @@ def test_sharded_source_and_output(root: Path, tmp_path: Path) -> None:
                                 max_shard_bytes=16384)
     assert len(list(out.glob("model-*.safetensors"))) > 3
     _same_dirs(tmp_path / "mem", out)
+
+
+def test_resume_without_a_work_directory_starts_fresh(root: Path, in_memory: dict, tmp_path: Path) -> None:
+    out = tmp_path / "fresh"
+    assert _quantize(root, "llama", out, "--stream", "--resume") == 0
+    _same_dirs(in_memory["llama"], out)
