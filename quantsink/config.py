@@ -45,7 +45,9 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    optional = ""
     if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None
+        optional = " or null"
         if value is None:
             check(type(None) in args, f"{where}: expected a value, got null")
             return None
@@ -60,7 +62,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return float(value)
     if hint in (int, float, str, bool):
         ok = isinstance(value, hint) and not (hint is not bool and isinstance(value, bool))
-        check(ok, f"{where}: expected {hint.__name__}, got {value!r}")
+        check(ok, f"{where}: expected {hint.__name__}{optional}, got {value!r}")
     return value
 
 
