@@ -21,7 +21,7 @@ from quantsink.errors import check
 from quantsink.hf.moe import expert_matrices, experts_layout
 from quantsink.weights.config import WeightConfig
 from quantsink.weights.experts import PackedExperts, QuantExperts
-from quantsink.weights.layer import quantize_matrix
+from quantsink.weights.layer import check_group_stats, quantize_matrix
 from quantsink.weights.outliers import outlier_count
 from quantsink.weights.sequential import InputGroup, set_submodule
 
@@ -46,9 +46,14 @@ def _pack_projection(w: torch.Tensor, cfg: WeightConfig, groups: Callable[[int, 
     packed = PackedExperts(e_count, inp, out, cfg.bits, cfg.group_size,
                            outlier_count(cfg.outlier_channels, inp))
     rtn, failed = dataclasses.replace(cfg, algorithm="rtn"), []
+    check(cfg.outlier_channels <= inp // 2,
+          f"weights.outlier_channels={cfg.outlier_channels} is more than half of the experts' input width "
+          f"{inp}; allowed: 0..{inp // 2} for this model")
     for e in range(e_count):
+        group = groups(e, e in fallback)
+        check_group_stats(group, f"expert {e}")
         try:
-            q = quantize_matrix(w[e].float(), groups(e, e in fallback), rtn if e in fallback else cfg, forced)
+            q = quantize_matrix(w[e].float(), group, rtn if e in fallback else cfg, forced)
         except torch.linalg.LinAlgError:
             failed.append(e)
             q = quantize_matrix(w[e].float(), groups(e, True), rtn, forced)
