@@ -122,8 +122,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> 
                              "(tokenizer.json / tokenizer_config.json)") from None
     with _quiet_loading():
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=use_safetensors,
-                                                               output_loading_info=True)
+            model, info = AutoModelForCausalLM.from_pretrained(  # mismatched shapes: named below
+                path, dtype=dtype, use_safetensors=use_safetensors, output_loading_info=True,
+                ignore_mismatched_sizes=True)
         except QuantsinkError:
             raise
         except ValueError as exc:  # a config transformers knows but has no causal LM for

@@ -108,14 +108,15 @@ def check_ignore(model: nn.Module, ignore: list[str]) -> None:
     from quantsink.weights.layer import is_ignored
 
     names = [n for n, _ in model.named_modules() if n]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for entry in ignore:
         check(any(is_ignored(n, [entry]) for n in names),
               f"weights.ignore entry {entry!r} matches no module of {type(model).__name__}; allowed: a "
-              f"module name or its last components, e.g. {_leaf_names(names)}")
+              f"module name or its last components, e.g. {_leaf_names(linears)}")
 
 
 def _leaf_names(names: list[str], limit: int = 12) -> str:
-    leaves = list(dict.fromkeys(n.rpartition(".")[2] for n in names if not n.rpartition(".")[2].isdigit()))
+    leaves = list(dict.fromkeys(n.rpartition(".")[2] for n in names))
     return ", ".join(leaves[:limit]) + (", ..." if len(leaves) > limit else "")
 
 
