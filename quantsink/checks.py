@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from quantsink.errors import QuantsinkError, check
+from quantsink.errors import check
 
 
 def _first_bad(t: torch.Tensor) -> str | None:
@@ -66,7 +66,3 @@ def check_seq_len(model: nn.Module, seq_len: int, flag: str = "--calib-seq-len")
     check(context is None or seq_len <= context,
           f"{flag} {seq_len} is longer than the model's context of {context} tokens; allowed: 2..{context}")
 
-
-def raise_not_finite(what: str, name: str, allowed: str) -> None:
-    """Raise the one line for a non-finite statistic ``name``."""
-    raise QuantsinkError(f"{what} {name!r} is not finite (NaN/Inf); allowed: {allowed}")

@@ -235,10 +235,11 @@ CLI_CASES = {
     # non-finite weights and statistics
     "quantize NaN weight rtn": (q("@nan"), "weight 'model.layers.1.mlp.down_proj.weight' has 1 NaN/Inf"),
     "quantize NaN weight gptq": (qcal(model="@nan", recipe="@gptq.yaml"),
-                                 "weight 'model.layers.1.mlp.down_proj.weight' has 1 NaN/Inf value(s), first at [2, 5]"),
+                                 "weight 'model.layers.1.mlp.down_proj.weight' has 1 NaN/Inf value(s), "
+                                 "first at [2, 5]"),
     "quantize Inf weight": (q("@inf"), "weight 'model.layers.1.self_attn.q_proj.weight' has 1 NaN/Inf"),
-    "quantize overflowing activations gptq": (qcal(model="@huge", recipe="@gptq.yaml"),
-                                              "activations are not finite at the input of model.layers.0.mlp.down_proj"),
+    "quantize overflowing activations gptq": (qcal(model="@huge", recipe="@gptq.yaml"), "activations are not "
+                                              "finite at the input of model.layers.0.mlp.down_proj"),
     "inspect overflowing activations": (ins("@huge"), "statistic 'act_absmax/model.layers.0.mlp.down_proj' has"),
     "inspect NaN weight": (ins("@nan"), "weight 'model.layers.1.mlp.down_proj.weight' has 1 NaN/Inf"),
     # recipe settings that do not fit the model
@@ -248,7 +249,8 @@ CLI_CASES = {
     "ignore second entry": (q("@tiny", recipe="@ignore2.yaml"), "ignore entry 'q_prj' matches no module"),
     "outliers above half the width": (qcal(recipe="@outl40.yaml"), "outlier_channels=40 is more than half"),
     "outliers above the width": (qcal(recipe="@outl100.yaml"), "outlier_channels=100 is more than half"),
-    "calib seq len beyond the context": (q("@tiny", "--calib", "@text.txt", "--calib-seq-len", "5000", recipe="@gptq.yaml"),
+    "calib seq len beyond the context": (q("@tiny", "--calib", "@text.txt", "--calib-seq-len", "5000",
+                                           recipe="@gptq.yaml"),
                                          "--calib-seq-len 5000 is longer than the model's context of 1024"),
     "recipe seq len beyond the context": (q("@tiny", "--calib", "@text.txt", recipe="@seq.yaml"),
                                           "calibration.seq_len 100000 is longer than the model's context"),

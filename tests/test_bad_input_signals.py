@@ -51,7 +51,14 @@ def _quantize(root: Path, delay: str | None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "quantsink", "quantize", "--model", str(root / "tiny"), "--recipe",
             str(root / "w4.yaml"), "--out", str(root / "out"), "--quiet"]
     env = _env(**({"QUANTSINK_TEST_EXPORT_DELAY": delay} if delay else {}))
-    return subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A shell without job control starts background jobs with SIGINT ignored, and Python then
+    installs no Ctrl-C handler: give the child the default, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_shard(root: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -64,19 +64,15 @@ def _load_calibration(path: str | None):  # noqa: ANN202
     return CalibrationResult.load(path)
 
 
-def run(args: argparse.Namespace) -> int:
-    # MKL's results may depend on memory alignment; conditional numerical reproducibility
-    # makes two runs with the same seed byte-identical (read at MKL's first call).
-    os.environ.setdefault("MKL_CBWR", "AUTO")
+def _check_args(args: argparse.Namespace):  # noqa: ANN202
+    """The recipe, once every argument is checked (output, recipe, calibration, eval, --model
+    not an export): one line before any weights load."""
     from quantsink.config import load_recipe
-    from quantsink.data import eval_tokens
     from quantsink.errors import check
-    from quantsink.models import load_model
-    from quantsink.weights.api import needs_calibration, quantize
+    from quantsink.weights.api import needs_calibration
     from quantsink.weights.checkpoint import check_not_quantized_dir
-    from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS, recipe_for_format
-    from quantsink.weights.export import check_out_dir, export
-    from quantsink.weights.summary import build_report, format_summary
+    from quantsink.weights.compressed_tensors import recipe_for_format
+    from quantsink.weights.export import check_out_dir
 
     check_out_dir(args.out, args.force)  # before any heavy work
     recipe = recipe_for_format(load_recipe(args.recipe), args.format, args.drop_outliers,
@@ -90,7 +86,22 @@ def run(args: argparse.Namespace) -> int:
           "dataset name) or --calibration ARTIFACT")
     check(args.eval_tokens >= args.eval_ctx, f"--eval-tokens={args.eval_tokens} is shorter than "
                                              f"--eval-ctx={args.eval_ctx}; allowed: >= --eval-ctx")
-    check_not_quantized_dir(args.model)  # before its weights load
+    check_not_quantized_dir(args.model)
+    return recipe
+
+
+def run(args: argparse.Namespace) -> int:
+    # MKL's results may depend on memory alignment; conditional numerical reproducibility
+    # makes two runs with the same seed byte-identical (read at MKL's first call).
+    os.environ.setdefault("MKL_CBWR", "AUTO")
+    from quantsink.data import eval_tokens
+    from quantsink.models import load_model
+    from quantsink.weights.api import quantize
+    from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS
+    from quantsink.weights.export import export
+    from quantsink.weights.summary import build_report, format_summary
+
+    recipe = _check_args(args)  # everything about the arguments, before any model is loaded
     calibration = _load_calibration(args.calibration)
     progress = not args.quiet
     t0 = time.perf_counter()

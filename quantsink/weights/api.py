@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantsink.checks import check_finite_weights, check_seq_len
 from quantsink.config import Recipe, load_recipe, to_dict
 from quantsink.errors import QuantsinkError, check
 from quantsink.hf.support import check_supported
 from quantsink.weights.backend import use_backend
-from quantsink.checks import check_finite_weights, check_seq_len
 from quantsink.weights.coverage import check_ignore, check_outlier_channels, check_quantizable, float_report
 from quantsink.weights.experts_quant import make_experts_quantizer
 from quantsink.weights.layer import make_group_quantizer, static_groups
