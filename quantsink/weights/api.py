@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantsink.checks import check_finite_weights, check_seq_len
 from quantsink.config import Recipe, load_recipe, to_dict
 from quantsink.errors import QuantsinkError, check
 from quantsink.hf.support import check_supported
 from quantsink.weights.backend import use_backend
-from quantsink.weights.coverage import check_quantizable, float_report
+from quantsink.weights.coverage import check_ignore, check_outlier_channels, check_quantizable, float_report
 from quantsink.weights.experts_quant import make_experts_quantizer
 from quantsink.weights.layer import make_group_quantizer, static_groups
 from quantsink.weights.runtime import prepare_model, quantize_embeddings
@@ -36,19 +37,44 @@ def needs_calibration(recipe: Recipe) -> bool:
     return w is not None and (w.algorithm == "gptq" or w.outlier_channels > 0)
 
 
-def _windows(calib: Any, tokenizer: Any, recipe: Recipe, samples: int | None,
+def check_not_quantized(model: Any) -> None:
+    """Refuse a model loaded from a quantized checkpoint (re-quantizing packed or int weights)."""
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    check(qc is None, f"the model is already quantized (quantization_config with quant_method "
+                      f"{str(getattr(method, 'value', method))!r}); allowed: the original floating-point model")
+
+
+def check_model(model: Any, recipe: Recipe) -> None:
+    """Everything about ``model`` that would make ``recipe`` fail or guess, before any work:
+    already quantized, unsupported, non-finite weights, ``ignore`` entries that name nothing,
+    more outlier channels than a layer can keep."""
+    check(not getattr(model, "quantsink_report", None), "this model is already quantized")
+    check_not_quantized(model)
+    check_supported(model)  # one line, before any work, for models quantsink cannot run
+    plans = check_quantizable(model)
+    check_finite_weights(model)
+    if recipe.weights is not None:
+        check_ignore(model, recipe.weights.ignore)
+        check_outlier_channels(model, plans, recipe.weights.outlier_channels, recipe.weights.ignore)
+
+
+def _windows(model: Any, calib: Any, tokenizer: Any, recipe: Recipe, samples: int | None,
              seq_len: int | None, seed: int | None) -> torch.Tensor | None:
-    """Calibration windows ``[N, L]`` from a tensor, a path or a dataset name (None when absent)."""
+    """Calibration windows ``[N, L]`` from a tensor, a path or a dataset name (None when absent);
+    windows longer than the model's context are refused."""
     if calib is None:
         return None
     if isinstance(calib, torch.Tensor):
         check(calib.dim() == 2 and not calib.is_floating_point(),
               f"calib tensor must be integer token ids [N, L], got {tuple(calib.shape)} {calib.dtype}")
+        check_seq_len(model, calib.shape[1], "calib window length")
         return calib.long()
     check(tokenizer is not None, "calib is text, so quantize() needs tokenizer=...")
     from quantsink.data import calibration_windows
 
     c = recipe.calibration
+    check_seq_len(model, seq_len or c.seq_len, "--calib-seq-len" if seq_len else "calibration.seq_len")
     return calibration_windows(tokenizer, calib, samples or c.samples, seq_len or c.seq_len,
                                c.seed if seed is None else seed)
 
@@ -126,14 +152,12 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS, plan_group_sizes, recipe_for_format
 
     recipe = recipe_for_format(load_recipe(recipe), format, drop_outliers, group_fallback)
-    check(not getattr(model, "quantsink_report", None), "this model is already quantized")
-    check_supported(model)  # one line, before any work, for models quantsink cannot run
-    check_quantizable(model)
+    check_model(model, recipe)
     plan = None
     if format == COMPRESSED_TENSORS:
         plan = plan_group_sizes(model, recipe.weights, group_fallback)
     # --- end checkpoint format ---
-    windows = _windows(calib, tokenizer, recipe, samples, seq_len, seed)
+    windows = _windows(model, calib, tokenizer, recipe, samples, seq_len, seed)
     cal = _calibration(model, tokenizer, windows, calibration, progress)
     wcfg = recipe.weights
     if needs_calibration(recipe) and windows is None:

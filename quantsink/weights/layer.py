@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from quantsink.errors import check
+from quantsink.errors import QuantsinkError, check
 from quantsink.weights.config import WeightConfig
 from quantsink.weights.gptq import gptq_quantize
 from quantsink.weights.linear import QuantLinear
@@ -50,6 +50,27 @@ def quantize_matrix(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, force
     return codes, scale, zero, idx, w[:, idx]
 
 
+def check_group_stats(group: InputGroup, where: str) -> None:
+    """Refuse non-finite calibration statistics of the input of ``where`` (overflowing or NaN
+    activations would otherwise turn into NaN scales or a failed factorisation)."""
+    for stat, t in (("input absmax", group.absmax), ("input Hessian", group.hessian)):
+        check(t is None or bool(torch.isfinite(t).all()),
+              f"calibration activations are not finite at the input of {where} ({stat} has NaN/Inf); "
+              "allowed: a model whose float32 forward stays finite on the calibration data")
+
+
+def _quantize_checked(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int],
+                      where: str) -> tuple[torch.Tensor, ...]:
+    """:func:`quantize_matrix` with the statistics checked and a failed GPTQ factorisation named."""
+    check_group_stats(group, where)
+    try:
+        return quantize_matrix(w, group, cfg, forced)
+    except torch.linalg.LinAlgError:
+        raise QuantsinkError(f"GPTQ failed at {where}: its input Hessian is not positive definite even "
+                             f"with weights.damp={cfg.damp}; allowed: a larger weights.damp (< 1), more "
+                             "calibration data, or weights.algorithm: rtn") from None
+
+
 def make_group_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int
                          ) -> Callable[[nn.Module, str, InputGroup], list[dict]]:
     """A ``quantize_group(layer, prefix, group)`` callback for :func:`quantize_layers`.
@@ -64,7 +85,7 @@ def make_group_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int
         mods = [layer.get_submodule(n) for n in names]
         w = torch.cat([m.weight.detach().float() for m in mods])  # [sum(out), in]
         forced = massive if cfg.massive_outliers and w.shape[1] == hidden_size else []
-        codes, scale, zero, idx, rest = quantize_matrix(w, group, cfg, forced)
+        codes, scale, zero, idx, rest = _quantize_checked(w, group, cfg, forced, f"{prefix}.{names[0]}")
         reports, row = [], 0
         for name, mod in zip(names, mods):
             rows = slice(row, row + mod.out_features)
