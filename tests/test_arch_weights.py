@@ -123,7 +123,8 @@ from quantsink.weights.experts import QuantExperts
 root = sys.argv[1]
 ids = torch.load(f"{root}/ids.pt")
 for name in sys.argv[2:]:
-    model = AutoModelForCausalLM.from_pretrained(f"{root}/{name}").eval()
+    impl = {"attn_implementation": "eager"} if name == "gemma2" else {}  # as tiny_models builds it
+    model = AutoModelForCausalLM.from_pretrained(f"{root}/{name}", **impl).eval()
     experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
     dense3d = [n for n, p in model.named_parameters() if p.dim() == 3]
     with torch.no_grad():
