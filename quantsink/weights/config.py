@@ -30,6 +30,10 @@ class WeightConfig:
     ties them, both must be equal and the shared tensor is quantized once.
     MoE experts are quantized one by one, GPTQ on the tokens routed to each; an expert that
     receives fewer than ``expert_min_tokens`` calibration tokens falls back to RTN (reported).
+    ``scale_search`` (AWQ-style, :mod:`quantsink.weights.scale_search`) scales each Linear group's
+    input channels by ``mean|x| ** alpha`` (``alpha`` searched over ``scale_grid`` steps in [0, 1)
+    by the group's output error), folds ``1/s`` into the preceding norm / v_proj / up_proj, and
+    quantizes the scaled weights; before the fp16 outlier channels are chosen, when there are any.
     """
 
     bits: int = 4
@@ -48,6 +52,8 @@ class WeightConfig:
     embedding_bits: int | None = None
     lm_head_bits: int | None = None
     expert_min_tokens: int = 128
+    scale_search: bool = False
+    scale_grid: int = 20
 
     def __post_init__(self) -> None:
         check(self.bits in SUPPORTED_WEIGHT_BITS,
@@ -72,5 +78,10 @@ class WeightConfig:
             check(v is None or (type(v) is int and v in SUPPORTED_EMBEDDING_BITS),
                   f"weights.{name}={v!r} is not supported; allowed: "
                   f"{list(SUPPORTED_EMBEDDING_BITS)} (null = keep floating point)")
+        check(type(self.scale_search) is bool,
+              f"weights.scale_search={self.scale_search!r} is not supported; allowed: true, false")
+        check(type(self.scale_grid) is int and 2 <= self.scale_grid <= 1000,
+              f"weights.scale_grid={self.scale_grid!r} is not supported; allowed: an integer 2..1000 "
+              "(the exponents 0, 1/n, ..., (n-1)/n)")
         check(self.expert_min_tokens >= 1,
               f"weights.expert_min_tokens must be >= 1, got {self.expert_min_tokens}")
