@@ -54,6 +54,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--work", default=None, help="directory for the checkpoints (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, help="rows to run (default: all)")
+    p.add_argument("--scale-stats", nargs="+", default=["mean"], choices=["mean", "duo", "absmax"],
+                   help="weights.scale_stats of the scale-search rows (default: mean)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args()
 
@@ -119,7 +121,8 @@ class Bench:
 
     def native(self, scale_search: bool = False) -> None:
         recipe = dataclasses.replace(quantsink.load_recipe("int4-sink"), kv_cache=None)
-        recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, scale_search=scale_search))
+        recipe = dataclasses.replace(recipe, weights=dataclasses.replace(
+            recipe.weights, scale_search=scale_search, scale_stats=list(self.args.scale_stats)))
         name = "int4-sink" + ("-awq" if scale_search else "")
         model, secs = self.quantized(recipe, "quantsink")
         out = export(model, self.tok, self.work / name)
@@ -137,14 +140,14 @@ class Bench:
         rows = model.quantsink_report.get("scale_search") or []
         if rows:
             self.scale_rows[name] = rows
-            by_fold: dict[str, list[float]] = {}
+            by_fold: dict[str, list[str]] = {}
             for r in rows:
-                by_fold.setdefault(r["fold"], []).append(r["alpha"])
+                by_fold.setdefault(r["fold"], []).append(f"{r['stat']}:{r['alpha']:g}")
             print(name, "alpha per fold:", json.dumps(by_fold), flush=True)
 
     def ours(self, name: str, algorithm: str, symmetric: bool, scale_search: bool = False) -> Path:
         w = dict(bits=4, group_size=128, symmetric=symmetric, algorithm=algorithm, outlier_channels=0,
-                 scale_search=scale_search)
+                 scale_search=scale_search, scale_stats=list(self.args.scale_stats))
         model, secs = self.quantized({"name": name, "weights": w}, CT)
         self.alphas(name, model)
         out = export(model, self.tok, self.work / name, format=CT)

@@ -15,7 +15,7 @@ from quantsink.hf.fold import check_foldable
 from quantsink.weights.backend import use_backend
 from quantsink.weights.export import export
 from quantsink.weights.layer import make_search_quantizer
-from quantsink.weights.scale_search import channel_scales, fixed_mask, make_layer_scaler, search_scale
+from quantsink.weights.scale_search import candidates, channel_scales, fixed_mask, make_layer_scaler, search_scale
 from quantsink.weights.config import WeightConfig
 from quantsink.weights.sequential import InputGroup, quantize_layers
 
@@ -79,6 +79,9 @@ def test_search_never_loses_to_alpha_zero_and_finds_outlier_channels() -> None:
     assert bool((choice.scale[:4] > choice.scale[4:].max()).all())
     s = channel_scales(torch.arange(1.0, 9.0), 0.5, repeat=2, block=2)  # 2 kv heads x 2 query heads x 2
     assert torch.equal(s.view(2, 2, 2)[:, 0], s.view(2, 2, 2)[:, 1])
+    every = search_scale(w, group, quantize, grid=20, stats=("mean", "duo", "absmax"))
+    assert every.error <= choice.error and every.stat in ("mean", "duo", "absmax")
+    assert len(candidates(w, group, 20, ("mean", "duo", "absmax"))) == 19 + 20 + 19
     fixed = search_scale(w, group, quantize, grid=20, fixed=torch.tensor([0, 1]))  # fp16 outliers
     assert bool((fixed.scale[:2] == 1).all()) and fixed.error <= fixed.error_unscaled
     assert fixed_mask(8, torch.tensor([5]), repeat=2, block=2).nonzero().flatten().tolist() == [5, 7]
@@ -91,6 +94,7 @@ def test_reported_choice_is_never_worse_than_unscaled(fmt: str) -> None:
     assert len(rows) == 8 and {r["fold"] for r in rows} == {
         "input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"}
     assert all(r["error"] <= r["error_unscaled"] and 0 <= r["alpha"] < 1 for r in rows)
+    assert {r["stat"] for r in rows} <= {"mean", "none"}
     mods = {m["name"]: m for m in model.quantsink_report["modules"]}
     assert mods["model.layers.1.mlp.down_proj"]["scale_fold"] == "mlp.up_proj"
 
@@ -157,6 +161,8 @@ def test_gemma_style_norm_is_refused() -> None:
 @pytest.mark.parametrize("weights, needle", [
     ({"scale_grid": 0}, "weights.scale_grid=0 is not supported; allowed: an integer 2..1000"),
     ({"scale_grid": 1}, "allowed: an integer 2..1000"),
+    ({"scale_stats": []}, "allowed: a non-empty list without repeats of ['mean', 'duo', 'absmax']"),
+    ({"scale_stats": ["mean", "max"]}, "weights.scale_stats=['mean', 'max'] is not supported"),
 ])
 def test_bad_scale_grid_is_one_line(weights: dict, needle: str) -> None:
     with pytest.raises(QuantsinkError) as err:

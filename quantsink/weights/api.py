@@ -206,7 +206,7 @@ def _layer_scaler(model: Any, wcfg: Any, forced: list[int], plan: dict | None) -
         quantizer_for = make_search_quantizer(wcfg, forced, _hidden_size(model))
     else:  # compressed-tensors: no outliers, no forced channels
         quantizer_for = make_search_quantizer(wcfg, [], _hidden_size(model), group_size)
-    return make_layer_scaler(model, wcfg.scale_grid, quantizer_for)
+    return make_layer_scaler(model, wcfg.scale_grid, quantizer_for, tuple(wcfg.scale_stats))
 
 
 def _scale_report(wcfg: Any, reports: list[dict]) -> dict:

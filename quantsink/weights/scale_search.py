@@ -45,19 +45,46 @@ class Choice:
     scale: torch.Tensor  # [in] float32, > 0
     error: float  # output error of the chosen scale, per token
     error_unscaled: float  # the same at alpha = 0 (s = 1)
+    stat: str = "mean"  # the statistic of the chosen scale ("none": s = 1)
 
 
-def channel_scales(mean_abs: torch.Tensor, alpha: float, repeat: int = 1, block: int = 1) -> torch.Tensor:
-    """``s [in] = mean|x| ** alpha``, normalised; with ``repeat > 1`` shared by the ``repeat``
-    consecutive blocks of ``block`` channels that one value head serves (GQA)."""
-    m = mean_abs.float()
+def channel_scales(stat: torch.Tensor, alpha: float, repeat: int = 1, block: int = 1,
+                   weight_stat: torch.Tensor | None = None) -> torch.Tensor:
+    """``s [in] = stat ** alpha`` (``/ weight_stat ** (1 - alpha)`` with AWQ's duo scaling),
+    normalised; with ``repeat > 1`` shared by the ``repeat`` consecutive blocks of ``block``
+    channels that one value head serves (GQA)."""
+    m = stat.float()
+    wm = None if weight_stat is None else weight_stat.float()
     if repeat > 1:
         m = m.view(-1, repeat, block).mean(1)  # [kv_heads, head_dim]
-    s = m.pow(alpha).clamp(min=1e-4)
+        wm = None if wm is None else wm.view(-1, repeat, block).mean(1)
+    s = m.pow(alpha)
+    if wm is not None:
+        s = s / (wm.pow(1 - alpha) + 1e-4)
+    s = s.clamp(min=1e-4)
     s = s / (s.max() * s.min()).sqrt()
     if repeat > 1:
         s = s.repeat_interleave(repeat, dim=0)  # [kv_heads * repeat, head_dim]
     return s.flatten()
+
+
+def weight_mean(w: torch.Tensor) -> torch.Tensor:
+    """AWQ's weight statistic ``[in]``: mean over output rows of ``|W|`` / its row maximum."""
+    a = w.abs().float()
+    return (a / a.amax(1, keepdim=True).clamp(min=1e-12)).mean(0)
+
+
+def candidates(w: torch.Tensor, group: InputGroup, grid: int, stats: tuple[str, ...]
+               ) -> list[tuple[str, float, torch.Tensor | None, torch.Tensor | None]]:
+    """``(stat, alpha, statistic, weight statistic)`` of every scale tried after ``s = 1``:
+    ``mean`` (AWQ's mean|x|) and ``absmax`` for alpha in ``1/n .. (n-1)/n``; ``duo``
+    (mean|x| ** alpha / weight_mean ** (1 - alpha)) for alpha in ``0 .. (n-1)/n``."""
+    out = []
+    for name in stats:
+        x = group.absmax if name == "absmax" else group.mean_abs
+        wm = weight_mean(w) if name == "duo" else None
+        out += [(name, i / grid, x, wm) for i in range(0 if name == "duo" else 1, grid)]
+    return out
 
 
 def scaled_group(group: InputGroup, s: torch.Tensor) -> InputGroup:
@@ -69,8 +96,8 @@ def scaled_group(group: InputGroup, s: torch.Tensor) -> InputGroup:
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """``tr(D H D^T)``, ``D = w_hat - w``: the squared output error per calibration token."""
-    d = (w_hat - w).double()
-    return float(((d @ hessian.double()) * d).sum())
+    d = (w_hat - w).float()
+    return float(((d @ hessian.float()) * d).sum(dtype=torch.float64))
 
 
 def fixed_mask(n: int, fixed: torch.Tensor | None, repeat: int = 1, block: int = 1) -> torch.Tensor:
@@ -85,23 +112,22 @@ def fixed_mask(n: int, fixed: torch.Tensor | None, repeat: int = 1, block: int =
 
 
 def search_scale(w: torch.Tensor, group: InputGroup, quantize: GroupQuantizer, grid: int,
-                 repeat: int = 1, block: int = 1, fixed: torch.Tensor | None = None) -> Choice:
-    """The best of ``grid`` scale exponents for the group's stacked weights ``w [out, in]``;
-    the ``fixed`` channels (the fp16 outliers) keep ``s = 1``."""
+                 repeat: int = 1, block: int = 1, fixed: torch.Tensor | None = None,
+                 stats: tuple[str, ...] = ("mean",)) -> Choice:
+    """The best scale for the group's stacked weights ``w [out, in]``: ``s = 1`` or one of
+    :func:`candidates`; the ``fixed`` channels (the fp16 outliers) keep ``s = 1``."""
     check(group.hessian is not None and group.mean_abs is not None,
           f"scale search of {group.names} needs the group's input statistics; pass calibration windows")
-    best: Choice | None = None
-    unscaled = 0.0
     keep = fixed_mask(w.shape[1], fixed, repeat, block)
-    for i in range(grid):
-        alpha = i / grid
-        s = channel_scales(group.mean_abs, alpha, repeat, block) if i else torch.ones(w.shape[1])
+    ones = torch.ones(w.shape[1])
+    unscaled = output_error(w, quantize(w, group), group.hessian)
+    best = Choice(0.0, ones, unscaled, unscaled, "none")
+    for name, alpha, x, wm in candidates(w, group, grid, stats):
+        s = channel_scales(x, alpha, repeat, block, wm)
         s[keep] = 1.0
         err = output_error(w, quantize(w * s, scaled_group(group, s)) / s, group.hessian)
-        unscaled = err if i == 0 else unscaled
-        if best is None or err < best.error:
-            best = Choice(alpha, s, err, unscaled)
-    best.error_unscaled = unscaled
+        if err < best.error:
+            best = Choice(alpha, s, err, unscaled, name)
     return best
 
 
@@ -157,7 +183,8 @@ def _apply(layer: nn.Module, site: FoldSite, group: InputGroup, choice: Choice) 
         eff = fold_rows(layer.get_submodule(site.producer), consumers, choice.scale, site.repeat, site.block)
     new = scaled_group(group, eff)
     group.absmax, group.hessian, group.mean_abs = new.absmax, new.hessian, new.mean_abs
-    group.extra["report"] = {"scale_alpha": choice.alpha, "scale_fold": site.producer,
+    group.extra["report"] = {"scale_alpha": choice.alpha, "scale_stat": choice.stat,
+                             "scale_fold": site.producer,
                              "scale_error": choice.error, "scale_error_unscaled": choice.error_unscaled}
 
 
@@ -174,8 +201,8 @@ def _check_unchanged(layer: nn.Module, prefix: str, hidden: torch.Tensor, call: 
 
 
 def make_layer_scaler(model: nn.Module, grid: int,
-                      quantizer_for: Callable[[str, list[str]], tuple[GroupQuantizer, Any]]
-                      ) -> Callable[[nn.Module, str, list[InputGroup], torch.Tensor, LayerCall], None]:
+                      quantizer_for: Callable[[str, list[str]], tuple[GroupQuantizer, Any]],
+                      stats: tuple[str, ...] = ("mean",)) -> Callable[[nn.Module, str, list[InputGroup], torch.Tensor, LayerCall], None]:
     """A ``prepare_layer(layer, prefix, groups, hidden, call)`` callback for
     :func:`~quantsink.weights.sequential.quantize_layers`: search and fold every site of the
     layer (q/k/v, o, gate/up, down, in that order) before any of its groups is quantized.
@@ -192,7 +219,7 @@ def make_layer_scaler(model: nn.Module, grid: int,
             quantize, outliers = quantizer_for(prefix, group.names)
             group.extra["outlier_idx"] = outliers(w, group)  # on the unscaled statistics
             choice = search_scale(w, group, quantize, grid, site.repeat, site.block,
-                                  group.extra["outlier_idx"])
+                                  group.extra["outlier_idx"], stats)
             _apply(layer, site, group, choice)
         rel = _check_unchanged(layer, prefix, hidden, call, ref)
         for g in groups:
@@ -209,5 +236,6 @@ def scale_summary(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "scale_alpha" in r and key not in seen:
             seen.add(key)
             rows.append({"name": r["name"], "fold": r["scale_fold"], "alpha": r["scale_alpha"],
+                         "stat": r["scale_stat"],
                          "error": r["scale_error"], "error_unscaled": r["scale_error_unscaled"]})
     return rows
