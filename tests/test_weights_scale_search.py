@@ -168,3 +168,14 @@ def test_bad_scale_grid_is_one_line(weights: dict, needle: str) -> None:
     with pytest.raises(QuantsinkError) as err:
         quantsink.load_recipe({"name": "x", "weights": {"scale_search": True, **weights}})
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_group_with_an_ignored_layer_is_left_unscaled() -> None:
+    model = _model()
+    recipe = _recipe(CT)
+    recipe["weights"]["ignore"] = ["lm_head", "o_proj"]
+    quantsink.quantize(model, recipe, calib=tm.token_ids(64, batch=4), tokenizer=tm.char_tokenizer(),
+                       progress=False, format=CT)
+    folds = [r["fold"] for r in model.quantsink_report["scale_search"]]
+    assert len(folds) == 6 and "self_attn.v_proj" not in folds
+    assert type(model.model.layers[0].self_attn.o_proj) is torch.nn.Linear

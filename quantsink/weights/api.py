@@ -206,7 +206,10 @@ def _layer_scaler(model: Any, wcfg: Any, forced: list[int], plan: dict | None) -
         quantizer_for = make_search_quantizer(wcfg, forced, _hidden_size(model))
     else:  # compressed-tensors: no outliers, no forced channels
         quantizer_for = make_search_quantizer(wcfg, [], _hidden_size(model), group_size)
-    return make_layer_scaler(model, wcfg.scale_grid, quantizer_for, tuple(wcfg.scale_stats))
+    from quantsink.weights.layer import is_ignored
+
+    return make_layer_scaler(model, wcfg.scale_grid, quantizer_for, tuple(wcfg.scale_stats),
+                             lambda name: is_ignored(name, wcfg.ignore))
 
 
 def _scale_report(wcfg: Any, reports: list[dict]) -> dict:

@@ -202,18 +202,19 @@ def _check_unchanged(layer: nn.Module, prefix: str, hidden: torch.Tensor, call: 
 
 def make_layer_scaler(model: nn.Module, grid: int,
                       quantizer_for: Callable[[str, list[str]], tuple[GroupQuantizer, Any]],
-                      stats: tuple[str, ...] = ("mean",)) -> Callable[[nn.Module, str, list[InputGroup], torch.Tensor, LayerCall], None]:
+                      stats: tuple[str, ...] = ("mean",), ignored: Callable[[str], bool] | None = None) -> Callable[[nn.Module, str, list[InputGroup], torch.Tensor, LayerCall], None]:
     """A ``prepare_layer(layer, prefix, groups, hidden, call)`` callback for
     :func:`~quantsink.weights.sequential.quantize_layers`: search and fold every site of the
     layer (q/k/v, o, gate/up, down, in that order) before any of its groups is quantized.
-    ``quantizer_for(prefix, names)`` gives the search quantizer of a group and its outlier choice."""
+    ``quantizer_for(prefix, names)`` gives the search quantizer of a group and its outlier choice;
+    a site with an ``ignored`` (kept floating-point) consumer is left unscaled."""
     def prepare(layer: nn.Module, prefix: str, groups: list[InputGroup], hidden: torch.Tensor,
                 call: LayerCall) -> None:
         with torch.no_grad():
             ref = call.run(layer, hidden)
         for site in fold_sites(model, layer):
             group = _site_group(site, groups, prefix)
-            if group is None:
+            if group is None or (ignored is not None and any(ignored(f"{prefix}.{n}") for n in group.names)):
                 continue
             w = torch.cat([layer.get_submodule(n).weight.detach().float() for n in group.names])
             quantize, outliers = quantizer_for(prefix, group.names)
