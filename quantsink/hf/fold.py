@@ -50,7 +50,8 @@ def _linear(layer: nn.Module, name: str) -> bool:
 def fold_sites(model: nn.Module, layer: nn.Module) -> list[FoldSite]:
     """The four fold sites of a Llama-style decoder layer (call :func:`check_foldable` first)."""
     cfg = text_config(model)
-    heads, kv = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
     a, m = "self_attn", "mlp"
     return [FoldSite((f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"), "input_layernorm", "norm"),
             FoldSite((f"{a}.o_proj",), f"{a}.v_proj", "rows", heads // kv, head_dim(model)),

@@ -142,9 +142,11 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     wcfg = recipe.weights
     if needs_calibration(recipe) and windows is None:
         stats = getattr(cal, "stats", None) or {}
-        check(wcfg.algorithm == "rtn" and not wcfg.scale_search and any(k.startswith("act_absmax/") for k in stats),
+        check(wcfg.algorithm == "rtn" and not wcfg.scale_search
+              and any(k.startswith("act_absmax/") for k in stats),
               f"recipe {recipe.name!r} (weights.algorithm={wcfg.algorithm}, outlier_channels="
-              f"{wcfg.outlier_channels}, scale_search={wcfg.scale_search}) needs calibration data; allowed: --calib PATH (or calib=...), "
+              f"{wcfg.outlier_channels}, scale_search={wcfg.scale_search}) needs calibration data; "
+              "allowed: --calib PATH (or calib=...), "
               "or --calibration ARTIFACT for rtn recipes")
     reports: list[dict] = []
     embeddings: list[dict] = []

@@ -10,8 +10,9 @@ scored by the group's output error on the calibration tokens,
 (exact; no activations are stored). With fp16 outlier channels (native format) those are chosen
 first, on the unscaled statistics (``absmax_x_norm`` is invariant under the scaling, so this is
 the choice the scaled weights would get), and keep ``s = 1``: they are exact in fp16 anyway, and a
-small scale would blow up their Hessian entries and GPTQ's conditioning. ``alpha = 0`` is ``s = 1``, so the chosen error is never
-above the unscaled one. The winner is folded (:mod:`quantsink.hf.fold`): ``1/s`` into the
+small scale would blow up their Hessian entries and GPTQ's conditioning. ``alpha = 0`` is
+``s = 1``, so the chosen error is never above the unscaled one; ``weights.scale_stats`` adds
+candidate families (:func:`candidates`). The winner is folded (:mod:`quantsink.hf.fold`): ``1/s`` into the
 producing norm (rounded to fp16 at once, and ``s`` recomputed from the rounded weight so that
 the float function is unchanged) or the producing Linear's rows (v_proj for o_proj with one scale
 per value head channel shared by its query heads; up_proj for down_proj); the group's weights
@@ -202,7 +203,8 @@ def _check_unchanged(layer: nn.Module, prefix: str, hidden: torch.Tensor, call: 
 
 def make_layer_scaler(model: nn.Module, grid: int,
                       quantizer_for: Callable[[str, list[str]], tuple[GroupQuantizer, Any]],
-                      stats: tuple[str, ...] = ("mean",), ignored: Callable[[str], bool] | None = None) -> Callable[[nn.Module, str, list[InputGroup], torch.Tensor, LayerCall], None]:
+                      stats: tuple[str, ...] = ("mean",), ignored: Callable[[str], bool] | None = None
+                      ) -> Callable[[nn.Module, str, list[InputGroup], torch.Tensor, LayerCall], None]:
     """A ``prepare_layer(layer, prefix, groups, hidden, call)`` callback for
     :func:`~quantsink.weights.sequential.quantize_layers`: search and fold every site of the
     layer (q/k/v, o, gate/up, down, in that order) before any of its groups is quantized.
