@@ -34,7 +34,7 @@ QUANT_VERSION = 1
 def needs_calibration(recipe: Recipe) -> bool:
     """True when the weight section needs activation statistics (GPTQ or outlier channels)."""
     w = recipe.weights
-    return w is not None and (w.algorithm == "gptq" or w.outlier_channels > 0)
+    return w is not None and (w.algorithm == "gptq" or w.outlier_channels > 0 or w.scale_search)
 
 
 def check_not_quantized(model: Any) -> None:
@@ -57,6 +57,10 @@ def check_model(model: Any, recipe: Recipe) -> None:
     if recipe.weights is not None:
         check_ignore(model, recipe.weights.ignore)
         check_outlier_channels(model, plans, recipe.weights.outlier_channels, recipe.weights.ignore)
+        if recipe.weights.scale_search:
+            from quantsink.hf.fold import check_foldable
+
+            check_foldable(model)
 
 
 def _windows(model: Any, calib: Any, tokenizer: Any, recipe: Recipe, samples: int | None,
@@ -162,9 +166,11 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     wcfg = recipe.weights
     if needs_calibration(recipe) and windows is None:
         stats = getattr(cal, "stats", None) or {}
-        check(wcfg.algorithm == "rtn" and any(k.startswith("act_absmax/") for k in stats),
+        check(wcfg.algorithm == "rtn" and not wcfg.scale_search
+              and any(k.startswith("act_absmax/") for k in stats),
               f"recipe {recipe.name!r} (weights.algorithm={wcfg.algorithm}, outlier_channels="
-              f"{wcfg.outlier_channels}) needs calibration data; allowed: --calib PATH (or calib=...), "
+              f"{wcfg.outlier_channels}, scale_search={wcfg.scale_search}) needs calibration data; "
+              "allowed: --calib PATH (or calib=...), "
               "or --calibration ARTIFACT for rtn recipes")
     reports: list[dict] = []
     embeddings: list[dict] = []
@@ -177,6 +183,7 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     model.config.quantization_config = _quant_config(recipe, cal, modules)
     model.quantsink_report = {"modules": reports, "embeddings": embeddings,
                               "massive_channels": massive_channels(cal, 8),
+                              **_scale_report(wcfg, reports),
                               "calibration_windows": None if windows is None else list(windows.shape),
                               **(float_report(model) if wcfg is not None else {})}
     model.quantsink_calibration = cal
@@ -205,8 +212,39 @@ def _quantize_weights(model: Any, wcfg: Any, windows: torch.Tensor | None, cal: 
         group_q = group_quantizer(wcfg, plan, _hidden_size(model))
     experts_q = make_experts_quantizer(wcfg, forced, _hidden_size(model))
     static = static_groups(cal) if windows is None else None
+    prepare = _layer_scaler(model, wcfg, forced, plan) if wcfg.scale_search else None
     return quantize_layers(model, windows, group_q, static_stats=static,
-                           hessian=wcfg.algorithm == "gptq", progress=progress, quantize_experts=experts_q)
+                           hessian=wcfg.algorithm == "gptq" or wcfg.scale_search, progress=progress,
+                           quantize_experts=experts_q, prepare_layer=prepare)
+
+
+def _layer_scaler(model: Any, wcfg: Any, forced: list[int], plan: dict | None) -> Any:
+    """The AWQ-style scale search callback, with each group's own grid (plan group sizes for CT)."""
+    from quantsink.weights.layer import make_search_quantizer
+    from quantsink.weights.scale_search import make_layer_scaler
+
+    def group_size(prefix: str, names: list[str]) -> int:
+        sizes = {plan[f"{prefix}.{n}"] for n in names if f"{prefix}.{n}" in plan}
+        check(len(sizes) == 1, f"{prefix}: layers {names} share an input but have group sizes {sorted(sizes)}")
+        return sizes.pop()
+
+    if plan is None:
+        quantizer_for = make_search_quantizer(wcfg, forced, _hidden_size(model))
+    else:  # compressed-tensors: no outliers, no forced channels
+        quantizer_for = make_search_quantizer(wcfg, [], _hidden_size(model), group_size)
+    from quantsink.weights.layer import is_ignored
+
+    return make_layer_scaler(model, wcfg.scale_grid, quantizer_for, tuple(wcfg.scale_stats),
+                             lambda name: is_ignored(name, wcfg.ignore))
+
+
+def _scale_report(wcfg: Any, reports: list[dict]) -> dict:
+    """``scale_search``: the alpha chosen per searched group (empty without the option)."""
+    if wcfg is None or not wcfg.scale_search:
+        return {}
+    from quantsink.weights.scale_search import scale_summary
+
+    return {"scale_search": scale_summary(reports)}
 
 
 def _hidden_size(model: Any) -> int:

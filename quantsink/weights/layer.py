@@ -8,6 +8,7 @@ absorb part of the rounding error); the rows are split back into one
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -18,7 +19,7 @@ from quantsink.weights.config import WeightConfig
 from quantsink.weights.gptq import gptq_quantize
 from quantsink.weights.linear import QuantLinear
 from quantsink.weights.outliers import channel_scores, outlier_count, select_outliers, split_columns
-from quantsink.weights.rtn import rtn_quantize
+from quantsink.weights.rtn import dequantize_codes, rtn_quantize
 from quantsink.weights.sequential import InputGroup, set_submodule
 
 
@@ -27,13 +28,21 @@ def is_ignored(name: str, ignore: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in ignore)
 
 
+def outlier_indices(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int]
+                    ) -> torch.Tensor:
+    """The group's fp16 outlier channels (int64, ascending): ``group.extra["outlier_idx"]`` when
+    the scale search fixed them (chosen on the unscaled statistics), else by ``cfg.outlier_score``."""
+    if "outlier_idx" in group.extra:
+        return group.extra["outlier_idx"]
+    k = outlier_count(cfg.outlier_channels, w.shape[1])
+    return select_outliers(channel_scores(group.absmax, w, cfg.outlier_score), k, forced)
+
+
 def quantize_matrix(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codes [out, n_q], scale [out, G], zero [out, G], outlier_idx [k], outlier_w [out, k])``."""
     n = w.shape[1]
-    k = outlier_count(cfg.outlier_channels, n)
-    scores = channel_scores(group.absmax, w, cfg.outlier_score)
-    idx = select_outliers(scores, k, forced)
+    idx = outlier_indices(w, group, cfg, forced)
     keep = split_columns(n, idx)
     grid = dict(clip_search=cfg.clip_search, clip_grid=cfg.clip_grid, min_clip=cfg.min_clip)
     if cfg.algorithm == "gptq":
@@ -71,6 +80,44 @@ def _quantize_checked(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, for
                              "calibration data, or weights.algorithm: rtn") from None
 
 
+def rtn_dequantized(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int]
+                    ) -> torch.Tensor:
+    """``w [out, in]`` as ``cfg``'s grid stores it (RTN without clip search, the fp16 outlier
+    columns the group would keep left exact): the fast quantizer of the AWQ-style scale search."""
+    fast = dataclasses.replace(cfg, algorithm="rtn", clip_search=False)
+    codes, scale, zero, idx, rest = quantize_matrix(w, group, fast, forced)
+    out = torch.empty_like(w, dtype=torch.float32)
+    out[:, split_columns(w.shape[1], idx)] = dequantize_codes(codes, scale.float(), zero.float(), cfg.group_size)
+    out[:, idx] = rest.float()
+    return out
+
+
+SearchQuantizer = tuple[Callable[[torch.Tensor, InputGroup], torch.Tensor],
+                        Callable[[torch.Tensor, InputGroup], torch.Tensor]]
+
+
+def make_search_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int,
+                          group_size: Callable[[str, list[str]], int] | None = None
+                          ) -> Callable[[str, list[str]], SearchQuantizer]:
+    """``quantizer_for(prefix, names) -> (quantize, outliers)``: the search quantizer of a group
+    (its group size from ``group_size(prefix, names)``, default the recipe's) and its fp16 outlier
+    channel choice (massive channels forced as in :func:`make_group_quantizer`)."""
+    def quantizer_for(prefix: str, names: list[str]) -> SearchQuantizer:
+        g = cfg.group_size if group_size is None else group_size(prefix, names)
+        gcfg = cfg if g == cfg.group_size else dataclasses.replace(cfg, group_size=g)
+
+        def forced(w: torch.Tensor) -> list[int]:
+            return massive if cfg.massive_outliers and w.shape[1] == hidden_size else []
+
+        def quantize(w: torch.Tensor, group: InputGroup) -> torch.Tensor:
+            return rtn_dequantized(w, group, gcfg, forced(w))
+
+        def outliers(w: torch.Tensor, group: InputGroup) -> torch.Tensor:
+            return outlier_indices(w, group, gcfg, forced(w))
+        return quantize, outliers
+    return quantizer_for
+
+
 def make_group_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int
                          ) -> Callable[[nn.Module, str, InputGroup], list[dict]]:
     """A ``quantize_group(layer, prefix, group)`` callback for :func:`quantize_layers`.
@@ -96,7 +143,8 @@ def make_group_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int
             set_submodule(layer, name, q)
             reports.append({"name": f"{prefix}.{name}", "in": mod.in_features,
                             "out": mod.out_features, "outliers": int(idx.numel()),
-                            "fp16_bytes": 2 * mod.weight.numel(), "packed_bytes": q.packed_nbytes()})
+                            "fp16_bytes": 2 * mod.weight.numel(), "packed_bytes": q.packed_nbytes(),
+                            **group.extra.get("report", {})})
         return reports
     return quantize_group
 
