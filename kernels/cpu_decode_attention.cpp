@@ -12,13 +12,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
 template <int BITS>
-inline void unpack_row(const uint8_t* src, float* dst, int64_t D) {
+inline void unpack_row(const uint8_t* __restrict src, float* __restrict dst, int64_t D) {
   constexpr int PER = 8 / BITS;
   constexpr int MASK = (1 << BITS) - 1;
   const int64_t P = D / PER;
@@ -54,8 +55,11 @@ struct Body {
 };
 
 // Scores of the g rows over the packed body keys of one (b, h): s[r * S + S0 + t].
-void body_scores(const Body& bd, int64_t bh, const float* q, int64_t g, int64_t D, float* s, int64_t S,
+// DC: head_dim known at compile time (64, 128), 0 for any other.
+template <int DC>
+void body_scores(const Body& bd, int64_t bh, const float* q, int64_t g, int64_t Dr, float* s, int64_t S,
                  int64_t S0, float* qg, float* bias, float* row) {
+  const int64_t D = DC ? DC : Dr;
   const int64_t kw = D * bd.kbits / 8;
   for (int64_t n = 0; n < bd.NGk; ++n) {
     const float* sc = bd.ks + (bh * bd.NGk + n) * D;
@@ -88,25 +92,51 @@ void body_scores(const Body& bd, int64_t bh, const float* q, int64_t g, int64_t 
 }
 
 // acc[r * D + d] += sum_t p[r, S0 + t] v[t, d] over the packed body values of one (b, h).
-void body_values(const Body& bd, int64_t bh, const float* p, int64_t g, int64_t D, int64_t S, int64_t S0,
+template <int DC>
+void body_values(const Body& bd, int64_t bh, const float* p, int64_t g, int64_t Dr, int64_t S, int64_t S0,
                  float* acc, float* row) {
+  const int64_t D = DC ? DC : Dr;
   const int64_t vw = D * bd.vbits / 8, ngv = D / bd.vgroup;
+  std::vector<float> zacc(g * ngv, 0.f);  // sum_t p z per (row, group): added once at the end
   for (int64_t t = 0; t < bd.T; ++t) {
     unpack(bd.vc + (bh * bd.T + t) * vw, row, D, bd.vbits);
     const float* sc = bd.vs + (bh * bd.T + t) * ngv;
     const float* zc = bd.vz + (bh * bd.T + t) * ngv;
     for (int64_t r = 0; r < g; ++r) {
       const float pr = p[r * S + S0 + t];
-      if (pr == 0.f) continue;
       for (int64_t c = 0; c < ngv; ++c) {
-        float* a = acc + r * D + c * bd.vgroup;
-        const float* x = row + c * bd.vgroup;
-        const float ps = pr * sc[c], pz = pr * zc[c];
+        float* __restrict a = acc + r * D + c * bd.vgroup;
+        const float* __restrict x = row + c * bd.vgroup;
+        const float ps = pr * sc[c];
+        zacc[r * ngv + c] += pr * zc[c];
 #pragma omp simd
-        for (int64_t d = 0; d < bd.vgroup; ++d) a[d] += ps * x[d] + pz;
+        for (int64_t d = 0; d < bd.vgroup; ++d) a[d] += ps * x[d];
       }
     }
   }
+  for (int64_t r = 0; r < g; ++r)
+    for (int64_t c = 0; c < ngv; ++c)
+      for (int64_t d = 0; d < bd.vgroup; ++d) acc[r * D + c * bd.vgroup + d] += zacc[r * ngv + c];
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the row maximum): Cody-Waite range reduction and
+// a degree-6 polynomial (relative error < 2e-7), 0 below -87 (and for -inf); plain arithmetic, so the
+// loop vectorises (libm's scalar exp would not).
+inline float exp_nonpos(float x) {
+  const float xc = std::max(x, -87.f);
+  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.f ? 0.f : p * scale;
 }
 
 // Softmax of each row of s [g, S] in place (masked entries are -inf), with an optional learned
@@ -123,7 +153,7 @@ void softmax_rows(float* s, int64_t g, int64_t S, const float* sink) {
     float sum = sink ? std::exp(sink[r] - m) : 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < S; ++j) {
-      x[j] = std::exp(x[j] - m);
+      x[j] = exp_nonpos(x[j] - m);
       sum += x[j];
     }
     const float inv = 1.f / sum;
@@ -172,7 +202,9 @@ torch::Tensor sink_decode_cpu(torch::Tensor q, torch::Tensor qs, torch::Tensor s
       for (int64_t j = 0; j < S0; ++j) s[r * S + j] = dot(qsrow + r * D, skp + (bh * S0 + j) * D, D);
       for (int64_t j = 0; j < W; ++j) s[r * S + S0 + T + j] = dot(qrow + r * D, wkp + (bh * W + j) * D, D);
     }
-    if (T) body_scores(bd, bh, qrow, g, D, s.data(), S, S0, qg.data(), bias.data(), row.data());
+    if (T && D == 64) body_scores<64>(bd, bh, qrow, g, D, s.data(), S, S0, qg.data(), bias.data(), row.data());
+    else if (T && D == 128) body_scores<128>(bd, bh, qrow, g, D, s.data(), S, S0, qg.data(), bias.data(), row.data());
+    else if (T) body_scores<0>(bd, bh, qrow, g, D, s.data(), S, S0, qg.data(), bias.data(), row.data());
     for (int64_t r = 0; r < g; ++r) {
       for (int64_t j = 0; j < S; ++j) {
         float& x = s[r * S + j];
@@ -187,7 +219,9 @@ torch::Tensor sink_decode_cpu(torch::Tensor q, torch::Tensor qs, torch::Tensor s
       for (int64_t j = 0; j < W; ++j)
         axpy(s[r * S + S0 + T + j], wvp + (bh * W + j) * D, acc.data() + r * D, D);
     }
-    if (T) body_values(bd, bh, s.data(), g, D, S, S0, acc.data(), row.data());
+    if (T && D == 64) body_values<64>(bd, bh, s.data(), g, D, S, S0, acc.data(), row.data());
+    else if (T && D == 128) body_values<128>(bd, bh, s.data(), g, D, S, S0, acc.data(), row.data());
+    else if (T) body_values<0>(bd, bh, s.data(), g, D, S, S0, acc.data(), row.data());
     std::copy(acc.begin(), acc.end(), op + (b * Hq + h * g) * D);
   }
   return out;

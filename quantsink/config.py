@@ -20,6 +20,8 @@ import yaml
 from quantsink.errors import QuantsinkError, check
 
 RECIPE_VERSION = 1
+MAX_CALIB_SAMPLES = 4096  # as --calib-samples: more than GPTQ's usual 128 windows is a typo
+MAX_CALIB_SEQ_LEN = 2**20  # tokens per window; no released decoder has a longer context
 
 
 def from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
@@ -45,7 +47,9 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    optional = ""
     if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None
+        optional = " or null"
         if value is None:
             check(type(None) in args, f"{where}: expected a value, got null")
             return None
@@ -60,7 +64,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return float(value)
     if hint in (int, float, str, bool):
         ok = isinstance(value, hint) and not (hint is not bool and isinstance(value, bool))
-        check(ok, f"{where}: expected {hint.__name__}, got {value!r}")
+        check(ok, f"{where}: expected {hint.__name__}{optional}, got {value!r}")
     return value
 
 
@@ -78,8 +82,11 @@ class CalibConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check(self.samples >= 1, f"calibration samples must be >= 1, got {self.samples}")
-        check(self.seq_len >= 2, f"calibration seq_len must be >= 2, got {self.seq_len}")
+        check(1 <= self.samples <= MAX_CALIB_SAMPLES,
+              f"calibration.samples must be in 1..{MAX_CALIB_SAMPLES}, got {self.samples}")
+        check(2 <= self.seq_len <= MAX_CALIB_SEQ_LEN,
+              f"calibration.seq_len must be in 2..{MAX_CALIB_SEQ_LEN}, got {self.seq_len} (the model's "
+              "context bounds it further)")
 
 
 @dataclass

@@ -113,9 +113,19 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> 
     if not (path / "config.json").exists() and ggufs:
         return _load_hf_dir(_gguf_to_hf(ggufs[0]), dtype, device)
     use_safetensors = _check_weights(path)
+    _check_hf_config(path)  # before the tokenizer: a bad config is not "no usable tokenizer"
     tok = load_tokenizer(path)
     with _quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=use_safetensors)
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(  # mismatched shapes: named below
+                path, dtype=dtype, use_safetensors=use_safetensors, output_loading_info=True,
+                ignore_mismatched_sizes=True)
+        except QuantsinkError:
+            raise
+        except ValueError as exc:  # a config transformers knows but has no causal LM for
+            raise QuantsinkError(f"{str(path)!r} does not load as a causal language model ({_first_line(exc)}); "
+                                 "allowed: a decoder-only (AutoModelForCausalLM) checkpoint") from None
+    _check_complete(path, info)
     return model.to(device).eval(), tok
 
 
@@ -131,16 +141,45 @@ def load_tokenizer(path: Path) -> Any:
                              "(tokenizer.json / tokenizer_config.json)") from None
 
 
+def _first_line(exc: BaseException, limit: int = 140) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+def _check_hf_config(path: Path) -> None:
+    """One line for a config.json that is JSON but not a config transformers can build."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QuantsinkError(f"model config {str(path / 'config.json')!r} is not a usable Hugging Face config "
+                             f"({_first_line(exc)}); allowed: a config.json with a model_type transformers "
+                             "knows") from None
+
+
+def _check_complete(path: Path, info: dict) -> None:
+    """Refuse a load that left weights freshly initialised (missing or of the wrong shape):
+    the model would run, on random numbers."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys") or [])
+    for keys, how in ((missing, "missing from"), (mismatched, "of the wrong shape in")):
+        first = keys[0] if keys else ""
+        check(not keys, f"{len(keys)} weight(s) the model needs are {how} {str(path)!r} (e.g. {first!r}), so "
+                        "they would be random; allowed: a complete checkpoint of the architecture in config.json")
+
+
 @contextlib.contextmanager
 def _quiet_loading() -> Iterator[None]:
-    """No "Loading weights" progress bar on stderr (it takes a second; stderr is for errors)."""
+    """No "Loading weights" progress bar or load report on stderr (stderr is for errors)."""
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    was_enabled, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # the load-report table: incomplete loads are refused instead
     try:
         yield
     finally:
+        hf_logging.set_verbosity(level)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -154,7 +193,11 @@ def _check_weights(path: Path) -> bool:
     check((path / "config.json").is_file(), f"directory {str(path)!r} has no config.json; allowed: "
                                             "a Hugging Face model directory or a .gguf file")
     config = read_json(path / "config.json", "model config", "a Hugging Face config.json")
-    check(isinstance(config, dict), f"model config {str(path / 'config.json')!r} is not a JSON object")
+    check(isinstance(config, dict), f"model config {str(path / 'config.json')!r} is not a JSON object; "
+                                    "allowed: a Hugging Face config.json")
+    from quantsink.weights.checkpoint import check_config_json
+
+    check_config_json(config, f"model config {str(path / 'config.json')!r}")
     shards = sorted(path.glob("*.safetensors"))
     for shard in shards:
         check_safetensors(shard, "model weights")

@@ -29,13 +29,15 @@ import torch
 import quantsink
 from quantsink.data import calibration_windows, eval_tokens
 from quantsink.eval import perplexity
+from quantsink.weights.backend import use_backend
 from quantsink.weights.ct_export import model_grids
 from quantsink.weights.export import export
 from quantsink.weights.summary import dir_bytes
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
 CT = "compressed-tensors"
-ROWS = ["native", "ct-gptq-sym", "ct-gptq-asym", "ct-rtn-sym", "llmc"]
+ROWS = ["native", "native-awq", "ct-gptq-sym", "ct-gptq-sym-awq", "ct-gptq-asym", "ct-rtn-sym",
+        "ct-rtn-sym-awq", "llmc", "bnb-nf4"]
 
 
 def parse() -> argparse.Namespace:
@@ -52,6 +54,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--work", default=None, help="directory for the checkpoints (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, help="rows to run (default: all)")
+    p.add_argument("--scale-stats", nargs="+", default=["mean"], choices=["mean", "duo", "absmax"],
+                   help="weights.scale_stats of the scale-search rows (default: mean)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args()
 
@@ -88,7 +92,7 @@ class Bench:
     """Shared state of one run: base model, windows, calibration, evaluation tokens, rows."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.rows = args, []
+        self.args, self.rows, self.scale_rows = args, [], {}
         self.work = Path(args.work or tempfile.mkdtemp(prefix="bench-ct-"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.base, self.tok = quantsink.load_model(args.model)
@@ -115,16 +119,37 @@ class Bench:
                            progress=not self.args.quiet, format=fmt, group_fallback=fmt == CT)
         return model, time.perf_counter() - t0
 
-    def native(self) -> None:
+    def native(self, scale_search: bool = False) -> None:
         recipe = dataclasses.replace(quantsink.load_recipe("int4-sink"), kv_cache=None)
+        recipe = dataclasses.replace(recipe, weights=dataclasses.replace(
+            recipe.weights, scale_search=scale_search, scale_stats=list(self.args.scale_stats)))
+        name = "int4-sink" + ("-awq" if scale_search else "")
         model, secs = self.quantized(recipe, "quantsink")
-        out = export(model, self.tok, self.work / "int4-sink")
-        self.add("quantsink int4-sink, native format (weights only)", "64 (+16 fp16 outlier ch.)",
-                 self.ppl(model, "int4-sink"), dir_bytes(out) / 2**20, secs, "in memory")
+        out = export(model, self.tok, self.work / name)
+        reloaded, _ = quantsink.load(out)
+        probe = self.ids[None, :256]
+        with torch.no_grad():
+            dl = (reloaded(probe).logits - model(probe).logits).abs().max().item()
+        self.alphas(name, model)
+        self.add(f"quantsink int4-sink, native format (weights only){' + scale search' * scale_search}",
+                 "64 (+16 fp16 outlier ch.)", self.ppl(model, name), dir_bytes(out) / 2**20, secs,
+                 f"in memory (reloaded by quantsink.load: max|dlogits|={dl:.1e})")
 
-    def ours(self, name: str, algorithm: str, symmetric: bool) -> Path:
-        w = dict(bits=4, group_size=128, symmetric=symmetric, algorithm=algorithm, outlier_channels=0)
+    def alphas(self, name: str, model: torch.nn.Module) -> None:
+        """The chosen scale exponents per fold site (printed, and kept for the JSON)."""
+        rows = model.quantsink_report.get("scale_search") or []
+        if rows:
+            self.scale_rows[name] = rows
+            by_fold: dict[str, list[str]] = {}
+            for r in rows:
+                by_fold.setdefault(r["fold"], []).append(f"{r['stat']}:{r['alpha']:g}")
+            print(name, "alpha per fold:", json.dumps(by_fold), flush=True)
+
+    def ours(self, name: str, algorithm: str, symmetric: bool, scale_search: bool = False) -> Path:
+        w = dict(bits=4, group_size=128, symmetric=symmetric, algorithm=algorithm, outlier_channels=0,
+                 scale_search=scale_search, scale_stats=list(self.args.scale_stats))
         model, secs = self.quantized({"name": name, "weights": w}, CT)
+        self.alphas(name, model)
         out = export(model, self.tok, self.work / name, format=CT)
         err = ct_readback(out, {n: g.dequantize() for n, g in model_grids(model).items()})
         sizes = sorted({g.group_size for g in model_grids(model).values()}, reverse=True)
@@ -136,7 +161,8 @@ class Bench:
             model, how = loaded, f"transformers (no quantsink; max|dlogits|={dl:.1e})"
         else:
             how = "in memory (transformers 5.24 cannot load asymmetric mixed groups)"
-        self.add(f"quantsink --format {CT} {algorithm.upper()} {'sym' if symmetric else 'asym'}",
+        self.add(f"quantsink --format {CT} {algorithm.upper()} {'sym' if symmetric else 'asym'}"
+                 f"{' + scale search' * scale_search}",
                  "/".join(map(str, sizes)), self.ppl(model, name), dir_bytes(out) / 2**20, secs,
                  f"{how}; ct decompress max|dW|={err:.1e}")
         return out
@@ -162,22 +188,52 @@ class Bench:
                  "/".join(map(str, sizes)), self.ppl(load_ct(out, dequantize=False), "llmc"), dir_bytes(out) / 2**20,
                  secs, "transformers (no quantsink)")
 
+    def bnb_nf4(self) -> None:
+        """bitsandbytes nf4 (blocks of 64, fp32 compute) as transformers loads it on the CPU."""
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        src = self.work / "fp32-src"
+        if not src.is_dir():
+            self.base.save_pretrained(src)
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_compute_dtype=torch.float32)
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(str(src), quantization_config=cfg, device_map="cpu",
+                                                     dtype=torch.float32).eval()
+        secs = time.perf_counter() - t0
+        self.add("bitsandbytes nf4 (decoder Linear; lm_head/embedding fp32)", "64 (nf4 blocks)",
+                 self.ppl(model, "nf4"), None, secs, "transformers + bitsandbytes (CPU)")
+
 
 def main() -> None:
     os.environ.setdefault("MKL_CBWR", "AUTO")
     args = parse()
+    with use_backend("reference"):  # quantsink's models in float32, as transformers runs the CT ones
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     bench = Bench(args)
     if "native" in args.rows:
         bench.native()
+    if "native-awq" in args.rows:
+        bench.native(scale_search=True)
     sym = bench.ours("ct-gptq-sym", "gptq", True) if {"ct-gptq-sym", "llmc"} & set(args.rows) else None
+    if "ct-gptq-sym-awq" in args.rows:
+        bench.ours("ct-gptq-sym-awq", "gptq", True, scale_search=True)
     if "ct-gptq-asym" in args.rows:
         bench.ours("ct-gptq-asym", "gptq", False)
     if "ct-rtn-sym" in args.rows:
         bench.ours("ct-rtn-sym", "rtn", True)
+    if "ct-rtn-sym-awq" in args.rows:
+        bench.ours("ct-rtn-sym-awq", "rtn", True, scale_search=True)
     if "llmc" in args.rows:
         bench.llmc(sym)
+    if "bnb-nf4" in args.rows:
+        bench.bnb_nf4()
     if args.json:
-        Path(args.json).write_text(json.dumps(bench.rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"rows": bench.rows, "scale_search": bench.scale_rows},
+                                              indent=2) + "\n")
     print(f"\nSmolLM2-135M, WikiText-2 test, first {bench.ids.numel()} tokens, ctx {args.ctx}; "
           "calibration 16x512 tokens of wiki.train (seed 0), the same windows for every row\n")
     print("| weights (decoder Linear) | group size | ppl | vs fp32 | checkpoint MiB | quantize s | evaluated as |")

@@ -45,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
-    p.add_argument("--prefill-chunk", type=int, default=0,
-                   help="feed the prompt in chunks of this many tokens (0: one forward, as generate does)")
+    p.add_argument("--prefill-chunk", type=int, default=-1,
+                   help="feed the prompt in chunks of this many tokens (0: one forward; default: as "
+                        "generate does, one forward with a DynamicCache, chunks of 256 with the sink cache)")
     p.add_argument("--quick", action="store_true", help="ctx 512/2048, batch 1, 1 thread, 8 steps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
@@ -331,7 +332,7 @@ def markdown(results: list[dict], a: argparse.Namespace, cmd: str, kernels: list
              *(["**Smoke run (`--quick`)**: few contexts and steps; rerun without `--quick` on a quiet "
                 "machine for reference figures.", ""] if a.quick else []),
              f"Random prompt ``[batch, ctx]``, "
-             f"{f'prefilled in chunks of {a.prefill_chunk} tokens' if a.prefill_chunk else 'one prefill'}, "
+             f"{_prefill_words(a.prefill_chunk)}, "
              f"then {a.warmup} untimed + {a.steps} timed "
              "greedy steps of `model(input_ids=..., past_key_values=cache, use_cache=True)` (tok/s "
              "from the median step); one fresh "
@@ -347,6 +348,24 @@ def markdown(results: list[dict], a: argparse.Namespace, cmd: str, kernels: list
         lines += [f"Weight kernels per layer shape (layer 0 and the lm_head; {how}):", "", *kernels, ""]
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def _prefill_words(chunk: int) -> str:
+    if chunk < 0:
+        from quantsink.hf.generate import PREFILL_CHUNK
+
+        return (f"prefilled as `generate` does (one forward with a DynamicCache; chunks of {PREFILL_CHUNK} "
+                "tokens with the sink cache, its default `prefill_chunk_size`)")
+    return f"prefilled in chunks of {chunk} tokens" if chunk else "one prefill"
+
+
+def _chunk(variant: str, chunk: int) -> int:
+    """Prompt tokens per prefill forward of a row (see ``--prefill-chunk``)."""
+    if chunk >= 0:
+        return chunk
+    from quantsink.hf.generate import PREFILL_CHUNK
+
+    return PREFILL_CHUNK if variant == "int4-sink" else 0
 
 
 def write_doc(doc: Path, section: str) -> None:
@@ -374,7 +393,7 @@ def main() -> None:
             for threads in a.threads:
                 for variant in a.variants:
                     spec = dict(variant=variant, context=ctx, batch=batch, threads=threads,
-                                steps=a.steps, warmup=a.warmup, chunk=a.prefill_chunk,
+                                steps=a.steps, warmup=a.warmup, chunk=_chunk(variant, a.prefill_chunk),
                                 device=a.device, base=base, checkpoint=str(a.checkpoint))
                     r = run_row(spec, a.timeout)
                     results.append(r)

@@ -18,6 +18,7 @@ import torch
 import quantsink
 import tiny_models as tm
 from quantsink.errors import QuantsinkError
+from quantsink.weights.backend import use_backend
 from quantsink.weights.ct_export import model_grids, read_metadata, sink_cache
 from quantsink.weights.export import export
 
@@ -217,7 +218,7 @@ def read_back(request, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("which", READ)
 def test_transformers_loads_it_without_quantsink(which, read_back) -> None:
     model, ids, logits = read_back[which]
-    with torch.no_grad():
+    with torch.no_grad(), use_backend("reference"):  # quantsink's exact dequantized model
         ref = model(ids).logits
     assert (logits - ref).abs().max().item() <= 1e-3
 
@@ -297,6 +298,6 @@ def test_smollm2_round_trip_through_transformers(smollm, tmp_path: Path) -> None
     assert [g["weights"]["group_size"] for g in qc["config_groups"].values()] == [128, 64]
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     (logits,) = read_without_quantsink([(out, False)], ids, tmp_path)
-    with torch.no_grad():
+    with torch.no_grad(), use_backend("reference"):  # quantsink's exact dequantized model
         ref = model(ids).logits
     assert (logits - ref).abs().max().item() <= 1e-3

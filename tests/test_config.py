@@ -18,6 +18,8 @@ def test_shipped_recipes_load():
     ({"weights": {"bits": 5}}, "allowed: [4, 8]"),
     ({"weights": {"group_size": 0}}, "allowed: [32, 64, 128]"),
     ({"weights": {"bitz": 4}}, "unknown key(s) ['bitz']"),
+    ({"weights": {"scale_grid": 0}}, "allowed: an integer 2..1000"),
+    ({"weights": {"scale_search": "yes"}}, "scale_search"),
     ({"colour": "red"}, "unknown key(s) ['colour']"),
     ({"version": 2}, "allowed: 1"),
     ({"kv_cache": {"key_bits": "4"}}, "expected int"),

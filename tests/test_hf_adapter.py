@@ -13,6 +13,7 @@ from quantsink.hf import forward
 from quantsink.hf.rope import RopeShift
 from quantsink.kv.cache import SinkQuantCache
 from quantsink.kv.config import KVConfig
+from quantsink.weights.backend import use_backend
 
 KV = KVConfig(key_bits=8, value_bits=8, key_group_size=16, value_group_size=16, num_sinks=2, window=16)
 STREAM = KVConfig(key_bits=8, value_bits=8, key_group_size=16, value_group_size=16, num_sinks=4, window=16,
@@ -107,6 +108,28 @@ def test_generate_builds_the_sink_cache_by_default_and_survives_deepcopy(monkeyp
     assert torch.equal(a, b) and torch.equal(a, c)
     assert type(model).__name__ == "LlamaForCausalLM" and type(twin) is type(model)
     assert type(pickle.loads(pickle.dumps(model))) is type(model)
+
+
+def test_default_cache_prefills_in_chunks_with_the_same_result():
+    from quantsink.hf.generate import PREFILL_CHUNK
+
+    model = quantized_tiny()
+    lengths: list[int] = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    prompt = tm.token_ids(PREFILL_CHUNK + 44)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad(), use_backend("reference"):  # the bf16 weight kernels round per row count
+        chunked = model.generate(prompt, **kw)
+        assert lengths[:2] == [PREFILL_CHUNK, 44], lengths[:3]
+        lengths.clear()
+        whole = model.generate(prompt, **kw, prefill_chunk_size=None)  # the caller turns it off
+        assert lengths[0] == PREFILL_CHUNK + 44
+        small = model.generate(prompt, **kw, prefill_chunk_size=16)
+    hook.remove()
+    assert torch.equal(chunked.sequences, whole.sequences) and torch.equal(small.sequences, whole.sequences)
+    for a, b, c in zip(chunked.logits, whole.logits, small.logits):
+        assert (a - b).abs().max() <= 1e-4 and (c - b).abs().max() <= 1e-4
 
 
 def test_generate_accepts_both_cache_keywords():

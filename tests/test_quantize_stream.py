@@ -149,6 +149,7 @@ def test_streamed_checkpoint_reloads_with_the_same_logits(root: Path, in_memory:
      "--device"),
     (["--stream", "--eval", "x.txt"], "--eval"),
     (["--stream", "--format", "compressed-tensors", "--drop-outliers"], "quantsink format only"),
+    (["--stream", "--recipe", "w4-ct-awq-g128"], "does not run yet"),
 ])
 def test_stream_bad_arguments(root: Path, tmp_path: Path, extra: list, needle: str, capsys) -> None:
     capsys.readouterr()

@@ -67,7 +67,7 @@ class CalibrationResult:
         try:
             tensors = {k: v.detach().float().cpu().clone() for k, v in self.stats.items()}  # no shared storage
             save_file(tensors, str(tmp / STATS_NAME), metadata={"version": str(ARTIFACT_VERSION)})
-            (tmp / JSON_NAME).write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+            (tmp / JSON_NAME).write_text(json.dumps(self.to_json(), indent=1, allow_nan=False), encoding="utf-8")
             default_permissions(tmp, 0o777)
             for name in (STATS_NAME, JSON_NAME):
                 default_permissions(tmp / name, 0o666)
@@ -83,27 +83,59 @@ class CalibrationResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationResult":
-        """Read an artifact written by :meth:`save` (a directory, or its ``calibration.json``)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Read an artifact written by :meth:`save` (a directory, or its ``calibration.json``).
 
+        Every file is checked: a missing, non-UTF-8, truncated or garbage file, a missing sink
+        map and a NaN/Inf statistic are one line each."""
         root = Path(path)
         if root.is_file() and root.name == JSON_NAME:
             root = root.parent
-        check((root / JSON_NAME).is_file(), f"{str(path)!r} is not a calibration artifact; allowed: a "
-                                            f"directory with {JSON_NAME} and {STATS_NAME} (from `quantsink inspect`)")
+        check(root.is_dir(), f"calibration artifact {str(path)!r} is not a directory; allowed: {_ALLOWED}")
+        check((root / JSON_NAME).is_file(), f"{str(path)!r} is not a calibration artifact (no {JSON_NAME}); "
+                                            f"allowed: {_ALLOWED}")
+        meta = _read_meta(root / JSON_NAME)
+        check((root / STATS_NAME).is_file(), f"{str(root)!r} has {JSON_NAME} but no {STATS_NAME}; allowed: "
+                                             f"{_ALLOWED}")
+        stats = _read_stats(root / STATS_NAME)
         try:
-            meta = json.loads((root / JSON_NAME).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise QuantsinkError(f"{root / JSON_NAME}: not valid JSON ({exc.msg})") from None
-        check(isinstance(meta, dict) and meta.get("version") == ARTIFACT_VERSION,
-              f"{root / JSON_NAME}: calibration version {meta.get('version') if isinstance(meta, dict) else None!r} "
-              f"is not supported; allowed: {ARTIFACT_VERSION}")
-        check((root / STATS_NAME).is_file(), f"{str(root)!r} has {JSON_NAME} but no {STATS_NAME}")
-        try:
-            stats = load_file(str(root / STATS_NAME))
-        except SafetensorError as exc:
-            raise QuantsinkError(f"{root / STATS_NAME}: unreadable ({exc})") from None
-        return cls(model=str(meta.get("model", "")), sink_map=SinkMap.from_dict(meta["sink_map"]),
-                   massive=list(meta.get("massive", [])), stats=stats,
-                   num_layers=int(meta.get("num_layers", 0)), meta=dict(meta.get("meta", {})))
+            return cls(model=str(meta.get("model", "")), sink_map=SinkMap.from_dict(meta["sink_map"]),
+                       massive=list(meta.get("massive", [])), stats=stats,
+                       num_layers=int(meta.get("num_layers", 0)), meta=dict(meta.get("meta", {})))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, QuantsinkError):
+                raise QuantsinkError(f"{root / JSON_NAME}: {exc}") from None
+            raise QuantsinkError(f"{root / JSON_NAME}: malformed ({exc}); allowed: {_ALLOWED}") from None
+
+
+_ALLOWED = f"a directory with {JSON_NAME} and {STATS_NAME} written by `quantsink inspect`"
+
+
+def _read_meta(path: Path) -> dict:
+    """``calibration.json``: UTF-8 JSON, the supported version, a sink map."""
+    from quantsink.io import read_json
+
+    meta = read_json(path, "calibration file", _ALLOWED)
+    version = meta.get("version") if isinstance(meta, dict) else None
+    check(version == ARTIFACT_VERSION, f"{path}: calibration version {version!r} is not supported; "
+                                       f"allowed: {ARTIFACT_VERSION}")
+    check(isinstance(meta.get("sink_map"), dict), f"{path}: no sink map (the 'sink_map' object is missing); "
+                                                  f"allowed: {_ALLOWED}")
+    return meta
+
+
+def _read_stats(path: Path) -> dict[str, torch.Tensor]:
+    """``stats.safetensors``: intact, and every statistic finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from quantsink.checks import check_finite_tensors
+    from quantsink.io import check_safetensors
+
+    check_safetensors(path, "calibration statistics")
+    try:
+        stats = load_file(str(path))
+    except SafetensorError as exc:
+        raise QuantsinkError(f"{path}: unreadable ({exc}); allowed: {_ALLOWED}") from None
+    check_finite_tensors(stats.items(), f"calibration statistic in {path}", "finite statistics (re-run "
+                         "`quantsink inspect` on a model whose forward stays finite)")
+    return stats

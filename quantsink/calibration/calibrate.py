@@ -15,6 +15,7 @@ from quantsink.calibration.collect import Collector, attached
 from quantsink.calibration.detect import (Thresholds, find_content_sinks, find_positional_sinks,
                                           leading_prefix)
 from quantsink.calibration.sinkmap import SinkMap
+from quantsink.checks import check_finite_weights, check_seq_len
 from quantsink.data import calibration_windows
 from quantsink.errors import check
 from quantsink.hf.arch import decoder_layers, decoder_stack, model_device, text_config
@@ -36,6 +37,8 @@ def calibrate(model: Any, tokenizer: Any, calib: str | Path | torch.Tensor, samp
     """
     check_supported(model)  # one line for layouts and attention quantsink cannot run
     check_quantizable(model)  # the statistics are for the weight quantizer: same rule
+    check_seq_len(model, calib.shape[-1] if isinstance(calib, torch.Tensor) else seq_len)
+    check_finite_weights(model)
     windows = _windows(tokenizer, calib, samples, seq_len, seed)
     th = thresholds or Thresholds()
     cfg = text_config(model)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantsink._fs import staged_dir
 from quantsink.calibration.artifact import JSON_NAME, CalibrationResult
+from quantsink.checks import check_finite_json, check_finite_tensors
 from quantsink.errors import check
 
 REPORT_NAME = "report.json"
@@ -133,6 +134,14 @@ def check_output_dir(out: Path) -> None:
                                "report; allowed: a new directory, an empty one, or a previous report")
 
 
+def check_finite_result(result: CalibrationResult, report: dict | None = None) -> None:
+    """Refuse a calibration with a NaN/Inf statistic (named), instead of writing bare NaN."""
+    allowed = "a model whose float32 forward stays finite on the calibration data"
+    check_finite_tensors(result.stats.items(), "calibration statistic", allowed)
+    check_finite_json(result.to_json(), JSON_NAME)
+    check_finite_json(report if report is not None else build_report(result), REPORT_NAME)
+
+
 def write_report_dir(result: CalibrationResult, out: str | Path, plots: bool = True) -> list[Path]:
     """Write ``report.json``, the calibration artifact and (optionally) PNGs into ``out``.
 
@@ -141,9 +150,11 @@ def write_report_dir(result: CalibrationResult, out: str | Path, plots: bool = T
     """
     out = Path(out)
     check_output_dir(out)
+    report = build_report(result)
+    check_finite_result(result, report)  # before anything is written
     with staged_dir(out) as tmp:
         result.save(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(build_report(result), indent=1), encoding="utf-8")
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1, allow_nan=False), encoding="utf-8")
         if plots:
             from quantsink.calibration.plots import write_plots
 

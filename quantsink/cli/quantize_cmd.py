@@ -71,18 +71,24 @@ def _ppl(model, ids, ctx: int, progress: bool, desc: str) -> float:
     return perplexity(model, ids, ctx, progress=progress, desc=desc)["ppl"]
 
 
-def run(args: argparse.Namespace) -> int:
-    # MKL's results may depend on memory alignment; conditional numerical reproducibility
-    # makes two runs with the same seed byte-identical (read at MKL's first call).
-    os.environ.setdefault("MKL_CBWR", "AUTO")
+def _load_calibration(path: str | None):  # noqa: ANN202
+    """The ``--calibration`` artifact, read (and checked) before the model loads."""
+    if path is None:
+        return None
+    from quantsink.calibration import CalibrationResult
+
+    return CalibrationResult.load(path)
+
+
+def _check_args(args: argparse.Namespace):  # noqa: ANN202
+    """The recipe, once every argument is checked (output, recipe, calibration, eval, --model
+    not an export): one line before any weights load."""
     from quantsink.config import load_recipe
-    from quantsink.data import eval_tokens
     from quantsink.errors import check
-    from quantsink.models import load_model
-    from quantsink.weights.api import needs_calibration, quantize
-    from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS, recipe_for_format
-    from quantsink.weights.export import check_out_dir, export
-    from quantsink.weights.summary import build_report, format_summary
+    from quantsink.weights.api import needs_calibration
+    from quantsink.weights.checkpoint import check_not_quantized_dir
+    from quantsink.weights.compressed_tensors import recipe_for_format
+    from quantsink.weights.export import check_out_dir
 
     check_out_dir(args.out, args.force)  # before any heavy work
     _check_stream_args(args)
@@ -97,6 +103,23 @@ def run(args: argparse.Namespace) -> int:
           "dataset name) or --calibration ARTIFACT")
     check(args.eval_tokens >= args.eval_ctx, f"--eval-tokens={args.eval_tokens} is shorter than "
                                              f"--eval-ctx={args.eval_ctx}; allowed: >= --eval-ctx")
+    check_not_quantized_dir(args.model)
+    return recipe
+
+
+def run(args: argparse.Namespace) -> int:
+    # MKL's results may depend on memory alignment; conditional numerical reproducibility
+    # makes two runs with the same seed byte-identical (read at MKL's first call).
+    os.environ.setdefault("MKL_CBWR", "AUTO")
+    from quantsink.data import eval_tokens
+    from quantsink.models import load_model
+    from quantsink.weights.api import quantize
+    from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS
+    from quantsink.weights.export import export
+    from quantsink.weights.summary import build_report, format_summary
+
+    recipe = _check_args(args)  # everything about the arguments, before any model is loaded
+    calibration = _load_calibration(args.calibration)
     progress = not args.quiet
     t0 = time.perf_counter()
     if args.stream:
@@ -105,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     ids = eval_tokens(tok, args.eval, args.eval_tokens) if args.eval else None
     ppl_before = _ppl(model, ids, args.eval_ctx, progress, "ppl fp") if ids is not None else None
     t1 = time.perf_counter()
-    quantize(model, recipe, calib=args.calib, calibration=args.calibration, tokenizer=tok,
+    quantize(model, recipe, calib=args.calib, calibration=calibration, tokenizer=tok,
              progress=progress, samples=args.calib_samples, seq_len=args.calib_seq_len,
              seed=args.seed, format=args.format, group_fallback=args.group_fallback)
     seconds = time.perf_counter() - t1

@@ -14,6 +14,7 @@
 - :mod:`~quantsink.hf.moe`: the 3-D experts layouts (flags of ``use_experts_implementation``),
   the eager experts loop with a pluggable per-expert product, routers.
 - :mod:`~quantsink.hf.support`: one check for the models quantsink can run.
+- :mod:`~quantsink.hf.checkpoint`: the ``quant_method`` values transformers can load.
 
 Importing this package imports transformers; ``import quantsink`` does not.
 """

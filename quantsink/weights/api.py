@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantsink.checks import check_finite_weights, check_seq_len
 from quantsink.config import Recipe, load_recipe, to_dict
 from quantsink.errors import QuantsinkError, check
 from quantsink.hf.support import check_supported
 from quantsink.weights.backend import use_backend
-from quantsink.weights.coverage import check_quantizable, float_report
+from quantsink.weights.coverage import check_ignore, check_outlier_channels, check_quantizable, float_report
 from quantsink.weights.experts_quant import make_experts_quantizer
 from quantsink.weights.layer import make_group_quantizer, static_groups
 from quantsink.weights.runtime import prepare_model, quantize_embeddings
@@ -33,22 +34,51 @@ QUANT_VERSION = 1
 def needs_calibration(recipe: Recipe) -> bool:
     """True when the weight section needs activation statistics (GPTQ or outlier channels)."""
     w = recipe.weights
-    return w is not None and (w.algorithm == "gptq" or w.outlier_channels > 0)
+    return w is not None and (w.algorithm == "gptq" or w.outlier_channels > 0 or w.scale_search)
 
 
-def _windows(calib: Any, tokenizer: Any, recipe: Recipe, samples: int | None,
+def check_not_quantized(model: Any) -> None:
+    """Refuse a model loaded from a quantized checkpoint (re-quantizing packed or int weights)."""
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    check(qc is None, f"the model is already quantized (quantization_config with quant_method "
+                      f"{str(getattr(method, 'value', method))!r}); allowed: the original floating-point model")
+
+
+def check_model(model: Any, recipe: Recipe) -> None:
+    """Everything about ``model`` that would make ``recipe`` fail or guess, before any work:
+    already quantized, unsupported, non-finite weights, ``ignore`` entries that name nothing,
+    more outlier channels than a layer can keep."""
+    check(not getattr(model, "quantsink_report", None), "this model is already quantized")
+    check_not_quantized(model)
+    check_supported(model)  # one line, before any work, for models quantsink cannot run
+    plans = check_quantizable(model)
+    check_finite_weights(model)
+    if recipe.weights is not None:
+        check_ignore(model, recipe.weights.ignore)
+        check_outlier_channels(model, plans, recipe.weights.outlier_channels, recipe.weights.ignore)
+        if recipe.weights.scale_search:
+            from quantsink.hf.fold import check_foldable
+
+            check_foldable(model)
+
+
+def _windows(model: Any, calib: Any, tokenizer: Any, recipe: Recipe, samples: int | None,
              seq_len: int | None, seed: int | None) -> torch.Tensor | None:
-    """Calibration windows ``[N, L]`` from a tensor, a path or a dataset name (None when absent)."""
+    """Calibration windows ``[N, L]`` from a tensor, a path or a dataset name (None when absent);
+    windows longer than the model's context are refused."""
     if calib is None:
         return None
     if isinstance(calib, torch.Tensor):
         check(calib.dim() == 2 and not calib.is_floating_point(),
               f"calib tensor must be integer token ids [N, L], got {tuple(calib.shape)} {calib.dtype}")
+        check_seq_len(model, calib.shape[1], "calib window length")
         return calib.long()
     check(tokenizer is not None, "calib is text, so quantize() needs tokenizer=...")
     from quantsink.data import calibration_windows
 
     c = recipe.calibration
+    check_seq_len(model, seq_len or c.seq_len, "--calib-seq-len" if seq_len else "calibration.seq_len")
     return calibration_windows(tokenizer, calib, samples or c.samples, seq_len or c.seq_len,
                                c.seed if seed is None else seed)
 
@@ -126,14 +156,12 @@ def quantize(model: Any, recipe: Any, calib: Any = None, calibration: Any = None
     from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS, plan_group_sizes, recipe_for_format
 
     recipe = recipe_for_format(load_recipe(recipe), format, drop_outliers, group_fallback)
-    check(not getattr(model, "quantsink_report", None), "this model is already quantized")
-    check_supported(model)  # one line, before any work, for models quantsink cannot run
-    check_quantizable(model)
+    check_model(model, recipe)
     plan = None
     if format == COMPRESSED_TENSORS:
         plan = plan_group_sizes(model, recipe.weights, group_fallback)
     # --- end checkpoint format ---
-    windows = _windows(calib, tokenizer, recipe, samples, seq_len, seed)
+    windows = _windows(model, calib, tokenizer, recipe, samples, seq_len, seed)
     cal = _calibration(model, tokenizer, windows, calibration, progress)
     check_calibration_data(recipe, windows, cal)
     apply_recipe(model, recipe, windows, cal, progress, plan)
@@ -152,10 +180,11 @@ def check_calibration_data(recipe: Recipe, windows: torch.Tensor | None, cal: An
     wcfg = recipe.weights
     if needs_calibration(recipe) and windows is None:
         stats = getattr(cal, "stats", None) or {}
-        check(wcfg.algorithm == "rtn" and any(k.startswith("act_absmax/") for k in stats),
+        check(wcfg.algorithm == "rtn" and not wcfg.scale_search
+              and any(k.startswith("act_absmax/") for k in stats),
               f"recipe {recipe.name!r} (weights.algorithm={wcfg.algorithm}, outlier_channels="
-              f"{wcfg.outlier_channels}) needs calibration data; allowed: --calib PATH (or calib=...), "
-              "or --calibration ARTIFACT for rtn recipes")
+              f"{wcfg.outlier_channels}, scale_search={wcfg.scale_search}) needs calibration data; "
+              "allowed: --calib PATH (or calib=...), or --calibration ARTIFACT for rtn recipes")
 
 
 def apply_recipe(model: Any, recipe: Recipe, windows: torch.Tensor | None, cal: Any, progress: bool,
@@ -175,6 +204,7 @@ def apply_recipe(model: Any, recipe: Recipe, windows: torch.Tensor | None, cal: 
     model.config.quantization_config = _quant_config(recipe, cal, modules)
     model.quantsink_report = {"modules": reports, "embeddings": embeddings,
                               "massive_channels": massive_channels(cal, 8),
+                              **_scale_report(wcfg, reports),
                               "calibration_windows": None if windows is None else list(windows.shape),
                               **(float_report(model) if wcfg is not None else {})}
     model.quantsink_calibration = cal
@@ -196,9 +226,39 @@ def _quantize_weights(model: Any, wcfg: Any, windows: torch.Tensor | None, cal: 
         group_q = group_quantizer(wcfg, plan, _hidden_size(model))
     experts_q = make_experts_quantizer(wcfg, forced, _hidden_size(model))
     static = static_groups(cal) if windows is None else None
+    prepare = _layer_scaler(model, wcfg, forced, plan) if wcfg.scale_search else None
     return quantize_layers(model, windows, group_q, static_stats=static,
-                           hessian=wcfg.algorithm == "gptq", progress=progress, quantize_experts=experts_q,
-                           store=store)
+                           hessian=wcfg.algorithm == "gptq" or wcfg.scale_search, progress=progress,
+                           quantize_experts=experts_q, prepare_layer=prepare, store=store)
+
+
+def _layer_scaler(model: Any, wcfg: Any, forced: list[int], plan: dict | None) -> Any:
+    """The AWQ-style scale search callback, with each group's own grid (plan group sizes for CT)."""
+    from quantsink.weights.layer import make_search_quantizer
+    from quantsink.weights.scale_search import make_layer_scaler
+
+    def group_size(prefix: str, names: list[str]) -> int:
+        sizes = {plan[f"{prefix}.{n}"] for n in names if f"{prefix}.{n}" in plan}
+        check(len(sizes) == 1, f"{prefix}: layers {names} share an input but have group sizes {sorted(sizes)}")
+        return sizes.pop()
+
+    if plan is None:
+        quantizer_for = make_search_quantizer(wcfg, forced, _hidden_size(model))
+    else:  # compressed-tensors: no outliers, no forced channels
+        quantizer_for = make_search_quantizer(wcfg, [], _hidden_size(model), group_size)
+    from quantsink.weights.layer import is_ignored
+
+    return make_layer_scaler(model, wcfg.scale_grid, quantizer_for, tuple(wcfg.scale_stats),
+                             lambda name: is_ignored(name, wcfg.ignore))
+
+
+def _scale_report(wcfg: Any, reports: list[dict]) -> dict:
+    """``scale_search``: the alpha chosen per searched group (empty without the option)."""
+    if wcfg is None or not wcfg.scale_search:
+        return {}
+    from quantsink.weights.scale_search import scale_summary
+
+    return {"scale_search": scale_summary(reports)}
 
 
 def _hidden_size(model: Any) -> int:

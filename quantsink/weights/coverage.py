@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from quantsink.errors import QuantsinkError
+from quantsink.errors import QuantsinkError, check
 from quantsink.hf.arch import SUPPORTED_FAMILIES, decoder_layers
 from quantsink.hf.moe import find_experts, routers
 
@@ -100,3 +100,38 @@ def _packed_elements(mod: nn.Module) -> tuple[int, int]:
         return (sum(p.num_experts * p.out_features * p.in_features for p in parts),
                 sum(p.outlier_weight.numel() for p in parts))
     return mod.out_features * mod.in_features, mod.outlier_weight.numel()
+
+
+def check_ignore(model: nn.Module, ignore: list[str]) -> None:
+    """Refuse ``weights.ignore`` entries that name no module of ``model`` (a typo would
+    otherwise quantize the layer it meant to keep)."""
+    from quantsink.weights.layer import is_ignored
+
+    names = [n for n, _ in model.named_modules() if n]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for entry in ignore:
+        check(any(is_ignored(n, [entry]) for n in names),
+              f"weights.ignore entry {entry!r} matches no module of {type(model).__name__}; allowed: a "
+              f"module name or its last components, e.g. {_leaf_names(linears)}")
+
+
+def _leaf_names(names: list[str], limit: int = 12) -> str:
+    leaves = list(dict.fromkeys(n.rpartition(".")[2] for n in names))
+    return ", ".join(leaves[:limit]) + (", ..." if len(leaves) > limit else "")
+
+
+def check_outlier_channels(model: nn.Module, plans: list[LayerPlan], requested: int,
+                           ignore: list[str]) -> None:
+    """Refuse ``weights.outlier_channels`` above half of a quantized Linear's input width
+    (instead of keeping fewer than the recipe asks for)."""
+    from quantsink.weights.layer import is_ignored
+
+    prefix, layers = decoder_layers(model)
+    for i, (layer, plan) in enumerate(zip(layers, plans)):
+        for name in plan.linears:
+            if is_ignored(f"{prefix}.{i}.{name}", ignore):
+                continue
+            width = layer.get_submodule(name).in_features
+            check(requested <= width // 2,
+                  f"weights.outlier_channels={requested} is more than half of {prefix}.{i}.{name}'s "
+                  f"input width {width}; allowed: 0..{width // 2} for this model")

@@ -21,7 +21,7 @@ from quantsink.errors import check
 from quantsink.hf.moe import expert_matrices, experts_layout
 from quantsink.weights.config import WeightConfig
 from quantsink.weights.experts import PackedExperts, QuantExperts
-from quantsink.weights.layer import quantize_matrix
+from quantsink.weights.layer import check_group_stats, quantize_matrix
 from quantsink.weights.outliers import outlier_count
 from quantsink.weights.sequential import InputGroup, set_submodule
 
@@ -35,7 +35,8 @@ def _fallback(cfg: WeightConfig, tokens: torch.Tensor | None) -> list[int]:
 
 
 def _pack_projection(w: torch.Tensor, cfg: WeightConfig, groups: Callable[[int, bool], InputGroup],
-                     fallback: list[int], forced: list[int]) -> tuple[PackedExperts, list[int]]:
+                     fallback: list[int], forced: list[int], where: str = "experts"
+                     ) -> tuple[PackedExperts, list[int]]:
     """Quantize ``w [E, out, in]`` expert by expert into a :class:`PackedExperts`.
 
     ``groups(e, fallback)`` gives expert ``e``'s statistics. An expert whose GPTQ Hessian
@@ -46,9 +47,14 @@ def _pack_projection(w: torch.Tensor, cfg: WeightConfig, groups: Callable[[int, 
     packed = PackedExperts(e_count, inp, out, cfg.bits, cfg.group_size,
                            outlier_count(cfg.outlier_channels, inp))
     rtn, failed = dataclasses.replace(cfg, algorithm="rtn"), []
+    check(cfg.outlier_channels <= inp // 2,
+          f"weights.outlier_channels={cfg.outlier_channels} is more than half of {where}'s input width "
+          f"{inp}; allowed: 0..{inp // 2} for this model")
     for e in range(e_count):
+        group = groups(e, e in fallback)
+        check_group_stats(group, f"{where} (expert {e})")
         try:
-            q = quantize_matrix(w[e].float(), groups(e, e in fallback), rtn if e in fallback else cfg, forced)
+            q = quantize_matrix(w[e].float(), group, rtn if e in fallback else cfg, forced)
         except torch.linalg.LinAlgError:
             failed.append(e)
             q = quantize_matrix(w[e].float(), groups(e, True), rtn, forced)
@@ -80,7 +86,7 @@ def make_experts_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: i
             forced = massive if cfg.massive_outliers and inp == hidden_size else []
             stats = (lambda e, fb, proj=proj, inp=inp: _static_group(full, inp, cfg) if observer is None
                      else observer.group(proj, e, fb))
-            packed[proj], bad = _pack_projection(w, cfg, stats, fallback, forced)
+            packed[proj], bad = _pack_projection(w, cfg, stats, fallback, forced, f"{full}.{proj}")
             failed.update(bad)
             reports.append({"name": f"{full}.{proj}", "module": full, "kind": "experts",
                             "experts": layout.num_experts, "in": inp, "out": w.shape[1],

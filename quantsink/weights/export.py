@@ -12,6 +12,8 @@ same model gives byte-identical files.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,6 +86,14 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return shards
 
 
+def _test_pause() -> None:
+    """Testing only: ``QUANTSINK_TEST_EXPORT_DELAY=<seconds>`` sleeps after each shard, so that the
+    signal tests (tests/test_bad_input_signals.py) interrupt an export half-way. Not a user setting."""
+    delay = os.environ.get("QUANTSINK_TEST_EXPORT_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
 def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int = SHARD_BYTES) -> int:
     """Write sharded safetensors + index into ``folder``; returns the total tensor bytes."""
     sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
@@ -105,6 +115,7 @@ def write_planned_shards(sizes: dict[str, int], read: Callable[[list[str]], dict
             weight_map[name] = fname
             total += t.numel() * t.element_size()
         del shard
+        _test_pause()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total

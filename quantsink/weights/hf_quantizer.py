@@ -33,7 +33,10 @@ class QuantsinkConfig(QuantizationConfigMixin):
     def __init__(self, version: int = 1, weights: dict | None = None, kv_cache: dict | None = None,
                  sink_map: dict | None = None, modules: list[str] | None = None,
                  recipe: str = "custom", **kwargs: Any) -> None:
-        check(version == 1, f"quantsink checkpoint version {version} is not supported; allowed: 1")
+        from quantsink.weights.checkpoint import check_quantsink_config
+
+        check_quantsink_config({**kwargs, "version": version, "weights": weights, "kv_cache": kv_cache,
+                                "sink_map": sink_map, "modules": modules, "recipe": recipe}, complete=False)
         self.quant_method = METHOD
         self.version = version
         self.weights, self.kv_cache, self.sink_map = weights, kv_cache, sink_map
@@ -58,6 +61,8 @@ class QuantsinkHfQuantizer(HfQuantizer):
         from quantsink.weights.sequential import set_submodule
 
         w = self.quantization_config.weights or {}
+        for name in self.quantization_config.modules:
+            _existing_module(model, name)
         for name in replace_experts_shells(model, self.quantization_config.modules, w):
             mod = model.get_submodule(name)
             check(isinstance(mod, nn.Linear), f"checkpoint module {name!r} is not a Linear layer")
@@ -79,6 +84,16 @@ class QuantsinkHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _existing_module(model: nn.Module, name: str) -> nn.Module:
+    """``model.<name>``, or one line naming the checkpoint module the model does not have."""
+    from quantsink.weights.checkpoint import missing_module
+
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise missing_module(model, name) from None
 
 
 def _get(qc: Any, key: str) -> Any:

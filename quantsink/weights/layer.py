@@ -8,17 +8,18 @@ absorb part of the rounding error); the rows are split back into one
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from quantsink.errors import check
+from quantsink.errors import QuantsinkError, check
 from quantsink.weights.config import WeightConfig
 from quantsink.weights.gptq import gptq_quantize
 from quantsink.weights.linear import QuantLinear
 from quantsink.weights.outliers import channel_scores, outlier_count, select_outliers, split_columns
-from quantsink.weights.rtn import rtn_quantize
+from quantsink.weights.rtn import dequantize_codes, rtn_quantize
 from quantsink.weights.sequential import InputGroup, set_submodule
 
 
@@ -27,15 +28,23 @@ def is_ignored(name: str, ignore: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in ignore)
 
 
+def outlier_indices(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int]
+                    ) -> torch.Tensor:
+    """The group's fp16 outlier channels (int64, ascending): ``group.extra["outlier_idx"]`` when
+    the scale search fixed them (chosen on the unscaled statistics), else by ``cfg.outlier_score``."""
+    if "outlier_idx" in group.extra:
+        return group.extra["outlier_idx"]
+    k = outlier_count(cfg.outlier_channels, w.shape[1])
+    return select_outliers(channel_scores(group.absmax, w, cfg.outlier_score), k, forced)
+
+
 def quantize_matrix(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codes [out, n_q], scale [out, G], zero [out, G], outlier_idx [k], outlier_w [out, k])``.
 
     GPTQ consumes ``group.hessian`` (set to None once gathered in the quantization order)."""
     n = w.shape[1]
-    k = outlier_count(cfg.outlier_channels, n)
-    scores = channel_scores(group.absmax, w, cfg.outlier_score)
-    idx = select_outliers(scores, k, forced)
+    idx = outlier_indices(w, group, cfg, forced)
     keep = split_columns(n, idx)
     grid = dict(clip_search=cfg.clip_search, clip_grid=cfg.clip_grid, min_clip=cfg.min_clip)
     if cfg.algorithm == "gptq":
@@ -53,6 +62,65 @@ def quantize_matrix(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, force
     return codes, scale, zero, idx, w[:, idx]
 
 
+def check_group_stats(group: InputGroup, where: str) -> None:
+    """Refuse non-finite calibration statistics of the input of ``where`` (overflowing or NaN
+    activations would otherwise turn into NaN scales or a failed factorisation)."""
+    for stat, t in (("input absmax", group.absmax), ("input Hessian", group.hessian)):
+        check(t is None or bool(torch.isfinite(t).all()),
+              f"calibration activations are not finite at the input of {where} ({stat} has NaN/Inf); "
+              "allowed: a model whose float32 forward stays finite on the calibration data")
+
+
+def _quantize_checked(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int],
+                      where: str) -> tuple[torch.Tensor, ...]:
+    """:func:`quantize_matrix` with the statistics checked and a failed GPTQ factorisation named."""
+    check_group_stats(group, where)
+    try:
+        return quantize_matrix(w, group, cfg, forced)
+    except torch.linalg.LinAlgError:
+        raise QuantsinkError(f"GPTQ failed at {where}: its input Hessian is not positive definite even "
+                             f"with weights.damp={cfg.damp}; allowed: a larger weights.damp (< 1), more "
+                             "calibration data, or weights.algorithm: rtn") from None
+
+
+def rtn_dequantized(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int]
+                    ) -> torch.Tensor:
+    """``w [out, in]`` as ``cfg``'s grid stores it (RTN without clip search, the fp16 outlier
+    columns the group would keep left exact): the fast quantizer of the AWQ-style scale search."""
+    fast = dataclasses.replace(cfg, algorithm="rtn", clip_search=False)
+    codes, scale, zero, idx, rest = quantize_matrix(w, group, fast, forced)
+    out = torch.empty_like(w, dtype=torch.float32)
+    out[:, split_columns(w.shape[1], idx)] = dequantize_codes(codes, scale.float(), zero.float(), cfg.group_size)
+    out[:, idx] = rest.float()
+    return out
+
+
+SearchQuantizer = tuple[Callable[[torch.Tensor, InputGroup], torch.Tensor],
+                        Callable[[torch.Tensor, InputGroup], torch.Tensor]]
+
+
+def make_search_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int,
+                          group_size: Callable[[str, list[str]], int] | None = None
+                          ) -> Callable[[str, list[str]], SearchQuantizer]:
+    """``quantizer_for(prefix, names) -> (quantize, outliers)``: the search quantizer of a group
+    (its group size from ``group_size(prefix, names)``, default the recipe's) and its fp16 outlier
+    channel choice (massive channels forced as in :func:`make_group_quantizer`)."""
+    def quantizer_for(prefix: str, names: list[str]) -> SearchQuantizer:
+        g = cfg.group_size if group_size is None else group_size(prefix, names)
+        gcfg = cfg if g == cfg.group_size else dataclasses.replace(cfg, group_size=g)
+
+        def forced(w: torch.Tensor) -> list[int]:
+            return massive if cfg.massive_outliers and w.shape[1] == hidden_size else []
+
+        def quantize(w: torch.Tensor, group: InputGroup) -> torch.Tensor:
+            return rtn_dequantized(w, group, gcfg, forced(w))
+
+        def outliers(w: torch.Tensor, group: InputGroup) -> torch.Tensor:
+            return outlier_indices(w, group, gcfg, forced(w))
+        return quantize, outliers
+    return quantizer_for
+
+
 def make_group_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int
                          ) -> Callable[[nn.Module, str, InputGroup], list[dict]]:
     """A ``quantize_group(layer, prefix, group)`` callback for :func:`quantize_layers`.
@@ -67,7 +135,7 @@ def make_group_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int
         mods = [layer.get_submodule(n) for n in names]
         w = torch.cat([m.weight.detach().float() for m in mods])  # [sum(out), in]
         forced = massive if cfg.massive_outliers and w.shape[1] == hidden_size else []
-        codes, scale, zero, idx, rest = quantize_matrix(w, group, cfg, forced)
+        codes, scale, zero, idx, rest = _quantize_checked(w, group, cfg, forced, f"{prefix}.{names[0]}")
         reports, row = [], 0
         for name, mod in zip(names, mods):
             rows = slice(row, row + mod.out_features)
@@ -78,7 +146,8 @@ def make_group_quantizer(cfg: WeightConfig, massive: list[int], hidden_size: int
             set_submodule(layer, name, q)
             reports.append({"name": f"{prefix}.{name}", "in": mod.in_features,
                             "out": mod.out_features, "outliers": int(idx.numel()),
-                            "fp16_bytes": 2 * mod.weight.numel(), "packed_bytes": q.packed_nbytes()})
+                            "fp16_bytes": 2 * mod.weight.numel(), "packed_bytes": q.packed_nbytes(),
+                            **group.extra.get("report", {})})
         return reports
     return quantize_group
 

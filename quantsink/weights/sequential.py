@@ -37,6 +37,7 @@ class InputGroup:
     hessian: torch.Tensor | None = None  # [in, in] float32, X^T X / tokens
     tokens: int = 0
     extra: dict = field(default_factory=dict)
+    mean_abs: torch.Tensor | None = None  # [in] float32, mean |x| (the AWQ scale statistic)
 
 
 class LayerStore(Protocol):
@@ -77,7 +78,7 @@ def collect_groups(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, hess
                 return
             x2 = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
             h = (x2.T @ x2) / x2.shape[0] if hessian else None
-            groups[key] = InputGroup([name], x2.abs().amax(0), h, x2.shape[0])
+            groups[key] = InputGroup([name], x2.abs().amax(0), h, x2.shape[0], mean_abs=x2.abs().mean(0))
         return hook
 
     if linears is None:
@@ -111,19 +112,25 @@ def _planned(groups: list[InputGroup], linears: list[str]) -> list[InputGroup]:
 
 def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_group: Any,
                     static_stats: Any = None, hessian: bool = True, progress: bool = True,
-                    quantize_experts: Any = None, store: LayerStore | None = None) -> list[dict]:
+                    quantize_experts: Any = None, prepare_layer: Any = None,
+                    store: LayerStore | None = None) -> list[dict]:
     """Quantize every decoder layer in order; returns the per-module reports.
 
     ``quantize_group(layer, prefix, group) -> list[dict]`` replaces a group's Linear layers;
     ``quantize_experts(layer, prefix, name, observer) -> list[dict]`` an experts module.
     Without ``windows``, ``static_stats(prefix, layer) -> list[InputGroup]`` supplies the
     statistics instead (one group per Linear, no Hessian), experts get no observer, and no
-    forward pass runs. ``store``: see :class:`LayerStore`.
+    forward pass runs. ``prepare_layer(layer, prefix, groups, hidden, call)`` (needs ``windows``)
+    may rewrite a layer's float weights and its groups' statistics before any group is quantized
+    (the AWQ-style scale search of :mod:`quantsink.weights.scale_search`). ``store``: see
+    :class:`LayerStore`.
     """
     from quantsink.weights.coverage import check_quantizable
 
     prefix, layers = decoder_layers(model)
     plans = check_quantizable(model)  # refuse before any work
+    check(prepare_layer is None or windows is not None,
+          "weights.scale_search needs calibration windows; allowed: --calib PATH (or calib=...)")
     check(quantize_experts is not None or not any(p.experts for p in plans),
           f"{type(model).__name__} has MoE experts but no experts quantizer was given")
     reports: list[dict] = []
@@ -141,7 +148,10 @@ def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_gro
             groups, observers = static_stats(name, layer), {n: None for n in plan.experts}
         else:
             groups, observers = collect_groups(layer, hidden, call, hessian, plan.linears, plan.experts)
-        for group in _planned(groups, plan.linears):
+        planned = _planned(groups, plan.linears)
+        if prepare_layer is not None:
+            prepare_layer(layer, name, planned, hidden, call)
+        for group in planned:
             reports.extend(quantize_group(layer, name, group))
             group.hessian = None  # [in, in] each: freed as soon as the group is done
         for experts_name, observer in observers.items():
