@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tiny_models as tm
+from bad_input_util import run_cli_case
 from quantsink.cli import main
 from quantsink.errors import QuantsinkError
 
@@ -67,10 +68,6 @@ def work(tmp_path_factory):
     (root / "notckpt").mkdir()
     (root / "notckpt" / "keep.txt").write_text("my files")
     return root
-
-
-def expand(argv: list[str], root: Path) -> list[str]:
-    return [str(root / a[1:]) if a.startswith("@") else a for a in argv]
 
 
 QUANTIZE = ["quantize", "--model", "@tiny", "--calib", "@text.txt", "--calib-seq-len", "64", "--calib-samples", "2"]
@@ -154,20 +151,10 @@ CLI_CASES = {
 }
 
 
-def leftovers(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name.startswith(".") or p.name in ("out", "rep"))
-
-
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_cli_case_is_one_line_exit_2(case, work, capsys):
     argv, needle = CLI_CASES[case]
-    before = leftovers(work)
-    code = main(expand(argv, work))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (code, err)
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert needle in err and any(w in err for w in ("allowed", "must", "needs", "expected", "available", "supported")), err
-    assert leftovers(work) == before
+    run_cli_case(main, argv, needle, work, capsys)
 
 
 def test_version(capsys):
