@@ -23,13 +23,7 @@ class CharDecode:
         return f"<{ids[0]}>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine OpenMP spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _sinks(model: torch.nn.Module, value: float) -> torch.nn.Module:

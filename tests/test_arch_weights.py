@@ -34,13 +34,7 @@ RECIPE = {"name": "w4-g32", "weights": {"algorithm": "gptq", "group_size": 32, "
                                         "expert_min_tokens": 16}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine OpenMP spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _calls(model: torch.nn.Module, run) -> list[list]:
