@@ -36,18 +36,17 @@ class DefaultSinkCache:
         for name in CACHE_NAMES:
             if name != keyword and kwargs.get(name) is not None and kwargs.get(keyword) is None:
                 kwargs[keyword] = kwargs.pop(name)
-        if _wants_default_cache(self, kwargs):
+        gen = kwargs.get("generation_config") or self.generation_config
+        if _wants_default_cache(gen, kwargs):
             kwargs[keyword] = getattr(type(self), _FACTORY_ATTR)(self)
-            gen = kwargs.get("generation_config") or self.generation_config
             if "prefill_chunk_size" not in kwargs and getattr(gen, "prefill_chunk_size", None) is None:
                 kwargs["prefill_chunk_size"] = PREFILL_CHUNK
         return super().generate(*args, **kwargs)
 
 
-def _wants_default_cache(model: Any, kwargs: dict) -> bool:
+def _wants_default_cache(gen: Any, kwargs: dict) -> bool:
     if any(kwargs.get(name) is not None for name in CACHE_NAMES):
         return False
-    gen = kwargs.get("generation_config") or model.generation_config
     use_cache = kwargs.get("use_cache", getattr(gen, "use_cache", True))
     impl = kwargs.get("cache_implementation", getattr(gen, "cache_implementation", None))
     return use_cache is not False and impl is None

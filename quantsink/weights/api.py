@@ -45,22 +45,30 @@ def check_not_quantized(model: Any) -> None:
                       f"{str(getattr(method, 'value', method))!r}); allowed: the original floating-point model")
 
 
-def check_model(model: Any, recipe: Recipe) -> None:
-    """Everything about ``model`` that would make ``recipe`` fail or guess, before any work:
-    already quantized, unsupported, non-finite weights, ``ignore`` entries that name nothing,
-    more outlier channels than a layer can keep."""
+def check_model_layout(model: Any, recipe: Recipe) -> list:
+    """What :func:`check_model` can tell from the model's config, module names and shapes alone
+    (a meta-device skeleton is enough): already quantized, unsupported, ``ignore`` entries that
+    name nothing, more outlier channels than a layer can keep. Returns the layers' plans."""
     check(not getattr(model, "quantsink_report", None), "this model is already quantized")
     check_not_quantized(model)
     check_supported(model)  # one line, before any work, for models quantsink cannot run
     plans = check_quantizable(model)
-    check_finite_weights(model)
     if recipe.weights is not None:
         check_ignore(model, recipe.weights.ignore)
         check_outlier_channels(model, plans, recipe.weights.outlier_channels, recipe.weights.ignore)
-        if recipe.weights.scale_search:
-            from quantsink.hf.fold import check_foldable
+    return plans
 
-            check_foldable(model)
+
+def check_model(model: Any, recipe: Recipe) -> None:
+    """Everything about ``model`` that would make ``recipe`` fail or guess, before any work:
+    :func:`check_model_layout`, then non-finite weights and, with ``scale_search``, norms the
+    scales cannot be folded into."""
+    check_model_layout(model, recipe)
+    check_finite_weights(model)
+    if recipe.weights is not None and recipe.weights.scale_search:
+        from quantsink.hf.fold import check_foldable
+
+        check_foldable(model)
 
 
 def _windows(model: Any, calib: Any, tokenizer: Any, recipe: Recipe, samples: int | None,

@@ -116,13 +116,13 @@ def make_shells(model: nn.Module, weights: dict | None) -> None:
 
 
 @functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim`` (None elsewhere)."""
+def _glibc(name: str) -> Any:
+    """glibc's function ``name`` (None elsewhere: not Linux, or musl and other libcs)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
         return None
 
 
@@ -132,12 +132,9 @@ def fixed_mmap_threshold(nbytes: int = 2**20) -> None:
     glibc raises its mmap threshold (up to 32 MB) after big frees, and then serves tensors
     below it from the heap, where the streamed quantizer's per-layer weights fragmented it:
     peak RSS grew with the number of layers. A fixed threshold returns every freed weight."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        return
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
 
 
 def release_freed_memory() -> None:
@@ -147,7 +144,7 @@ def release_freed_memory() -> None:
     threshold and keeps later frees in the heap, which kept 0-150 MB of freed buffers
     resident after loading SmolLM2 (measured). ``malloc_trim`` returns them.
     """
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
 

@@ -196,21 +196,17 @@ def check_stream_format(fmt: str) -> None:
 
 
 def _refuse_unsupported(model: nn.Module, recipe: Any) -> None:
-    from quantsink.hf.support import check_supported
-    from quantsink.weights.coverage import check_ignore, check_outlier_channels, check_quantizable
+    from quantsink.weights.api import check_model_layout
 
     w = recipe.weights
     check(w is not None, f"recipe {recipe.name!r} has no weights section, so --stream has "
                          "nothing to quantize layer by layer; allowed: a weights recipe")
     check(not w.scale_search, f"recipe {recipe.name!r} asks for weights.scale_search, which --stream "
                               "does not run yet; allowed: quantize without --stream, or scale_search: false")
-    check_supported(model)
-    plans = check_quantizable(model)
+    plans = check_model_layout(model, recipe)  # names and shapes only: the meta skeleton is enough
     check(not any(p.experts for p in plans),
           f"{type(model).__name__} has MoE experts, which --stream does not quantize yet; allowed: "
           "quantize without --stream")
-    check_ignore(model, w.ignore)  # names and shapes only: the meta skeleton is enough
-    check_outlier_channels(model, plans, w.outlier_channels, w.ignore)
 
 
 def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, calib: Any = None,
