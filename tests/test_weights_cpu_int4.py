@@ -100,3 +100,27 @@ def test_bf16_and_3d_inputs_keep_their_dtype_and_shape() -> None:
     y = layer(x)
     assert y.shape == (2, 3, 64) and y.dtype == torch.float32
     assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("out,inp,group,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_call_matches_its_torch_spec(out, inp, group, k, dtype) -> None:
+    """The extension's one call equals the torch ops up to the fp32 outlier sum's order."""
+    from quantsink.kernels import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip("the C++ CPU extension does not build here")
+    assert cpu_int4._extension() is not None  # the default call takes the C++ path
+    layer = make_layer(out, inp, group, k, bias=True, seed=k)
+    _, p = _convert(layer)
+    for rows in (1, 5, INT4PACK_MAX_ROWS):
+        x = (torch.randn(2, rows, inp, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype)
+        args = (p.packed, p.scales_zeros, p.gather_idx, p.outlier_idx, p.outlier_weight_t, layer.bias,
+                layer.group_size, layer.out_features, p.pad)
+        got, want = int4pack_linear_cpu(x, *args), cpu_int4.int4pack_linear_torch(x, *args)
+        assert got.shape == want.shape == (2, rows, out) and got.dtype == want.dtype == dtype
+        xo = x.float()[..., layer.outlier_idx].abs() @ layer.outlier_weight.float().abs().T
+        ulp = 2.0 ** -7 * want.float().abs() if dtype == torch.bfloat16 else 0.0  # one output rounding
+        assert ((got.float() - want.float()).abs() <= 1e-5 * xo + ulp + 1e-6).all()
+        if not k:  # no outlier sum: the same ops in the same order
+            assert torch.equal(got, want)

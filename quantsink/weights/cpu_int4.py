@@ -108,6 +108,13 @@ def convert(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                     outlier_idx.long(), outlier_weight.float().T.contiguous())
 
 
+def _extension():
+    """The C++ extension's module (one call per linear), or None when it is not available."""
+    from quantsink.kernels import cpu_ext
+
+    return cpu_ext.extension() if cpu_ext.available() else None
+
+
 def int4pack_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
                         gather_idx: torch.Tensor, outlier_idx: torch.Tensor,
                         outlier_weight_t: torch.Tensor, bias: torch.Tensor | None,
@@ -115,8 +122,28 @@ def int4pack_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: tor
     """``x: [..., in] -> [..., out]`` in ``x.dtype`` through the kernel (see the module docstring).
 
     ``gather_idx`` lists the kept channels, the ``pad`` padding slots (zeroed here) and the
-    outlier channels: one gather serves both products.
+    outlier channels: one gather serves both products. With the C++ extension
+    (:mod:`quantsink.kernels.cpu_ext`) float32 / bf16 inputs take one call that does all of it
+    (:func:`int4pack_linear_torch` is its spec, equal up to the fp32 outlier sum's order).
     """
+    ext = _extension() if x.dtype in (torch.float32, torch.bfloat16) else None
+    if ext is None:
+        return int4pack_linear_torch(x, packed, scales_zeros, gather_idx, outlier_idx, outlier_weight_t,
+                                     bias, group_size, out_features, pad)
+    b = _EMPTY if bias is None else bias.detach().float()
+    y = ext.int4pack_linear(x.reshape(-1, x.shape[-1]).contiguous(), packed, scales_zeros, gather_idx, pad,
+                            outlier_weight_t if outlier_idx.numel() else _EMPTY, b, group_size, out_features)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+_EMPTY = torch.empty(0)
+
+
+def int4pack_linear_torch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
+                          gather_idx: torch.Tensor, outlier_idx: torch.Tensor,
+                          outlier_weight_t: torch.Tensor, bias: torch.Tensor | None,
+                          group_size: int, out_features: int, pad: int) -> torch.Tensor:
+    """:func:`int4pack_linear_cpu` in torch ops (the spec of the C++ call; any float dtype)."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, in]
     k_pad = packed.shape[1] * 2
     if gather_idx.numel():

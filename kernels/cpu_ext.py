@@ -1,0 +1,65 @@
+"""The C++ CPU extension: decode attention over the sink cache and the int4pack linear call.
+
+``cpu_decode_attention.cpp`` (with ``cpu_simd.h``) and ``cpu_int4_linear.cpp`` are compiled together, once, with
+``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; about 30-60 s) into
+``$QUANTSINK_CACHE/torch_extensions``, for the CPU's vector extension (AVX-512, AVX2 or
+plain); the build name carries a digest of the sources, so an edited source rebuilds.
+``QUANTSINK_NO_CPU_KERNEL=1`` turns the extension off (callers then use their torch code).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from quantsink.errors import QuantsinkError
+
+SOURCES = (Path(__file__).with_name("cpu_decode_attention.cpp"), Path(__file__).with_name("cpu_int4_linear.cpp"))
+HEADERS = (Path(__file__).with_name("cpu_simd.h"),)  # part of the build digest
+_ISA = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+        "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
+_STATE: dict = {}
+log = logging.getLogger("quantsink")
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    from quantsink.models import cache_root
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
+    name = f"quantsink_cpu_{isa.lower()}_{digest}"
+    build = cache_root() / "torch_extensions" / name
+    build.mkdir(parents=True, exist_ok=True)
+    if not (build / f"{name}.so").exists():
+        log.warning("quantsink: compiling the CPU kernels once (~30-60 s) into %s", build)
+    return load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build), verbose=False,
+                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_ISA.get(isa, [])], extra_ldflags=["-fopenmp"])
+
+
+def extension():
+    """The compiled extension, or raise :class:`QuantsinkError` saying why it is not available."""
+    if "ext" not in _STATE:
+        if os.environ.get("QUANTSINK_NO_CPU_KERNEL") == "1":
+            _STATE["ext"], _STATE["why"] = None, "QUANTSINK_NO_CPU_KERNEL=1"
+        else:
+            try:
+                _STATE["ext"], _STATE["why"] = _build(), None
+            except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, build error
+                _STATE["ext"], _STATE["why"] = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    if _STATE["ext"] is None:
+        raise QuantsinkError(f"the CPU kernels are not available ({_STATE['why']}); allowed: backend='torch'")
+    return _STATE["ext"]
+
+
+def available() -> bool:
+    """True when the extension is compiled (or compiles now)."""
+    try:
+        extension()
+    except QuantsinkError:
+        return False
+    return True
