@@ -1,7 +1,7 @@
 // Decode attention over the sink-aware cache on the CPU: fp sinks + packed int2/4/8 body + fp window.
 //
 // The spec is quantsink.kv.attention.decode_attention_ref (one query per row, Lq == 1). Each
-// (sequence, KV head) is one OpenMP task; its g query heads are processed together so every
+// (sequence, KV head) is one task of at::parallel_for (torch's threads); its g query heads are processed together so every
 // packed key / value byte is read once. Rows are handled in tiles of 16 tokens converted to
 // float: keys as codes (per channel, in groups of `kgroup` token slots, the first `koff` slots
 // of the first group being phantoms; the group's scale folds into the query,
@@ -11,6 +11,7 @@
 // zeros are read as stored (fp16, bf16 or fp32); all arithmetic is fp32. With AVX-512 the
 // 16 dot products of a tile are reduced together (one transpose-and-add tree), and the value
 // accumulators of head_dim 64 / 128 stay in registers.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -243,8 +244,8 @@ torch::Tensor sink_decode_cpu(torch::Tensor q, torch::Tensor qs, torch::Tensor s
   auto out = torch::empty({B, Hq, 1, D}, q.options().dtype(torch::kFloat32));
   float* op = out.data_ptr<float>();
   const float cap = static_cast<float>(softcap), sc = static_cast<float>(scale);
-#pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t bh0, int64_t bh1) {
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
     const int64_t b = bh / Hkv, h = bh % Hkv;
     std::vector<float> qf(g * D), qsf(g * D), sink(g);
     qr.load((b * Hq + h * g) * D, g * D, qf.data());
@@ -258,15 +259,21 @@ torch::Tensor sink_decode_cpu(torch::Tensor q, torch::Tensor qs, torch::Tensor s
     else if (D == 128) attend_head<128>(dn, bd, bh, qf.data(), qsf.data(), g, D, cap, sliding_window, mrow, sp, o);
     else attend_head<0>(dn, bd, bh, qf.data(), qsf.data(), g, D, cap, sliding_window, mrow, sp, o);
   }
+  });
   return out;
 }
 
-// cpu_int4_linear.cpp (the same extension)
+// cpu_w4_linear.cpp and cpu_int4_linear.cpp (the same extension)
+std::vector<at::Tensor> w4_linear(const at::Tensor& x, const at::Tensor& gather, int64_t nq, int64_t group_size,
+                                  const std::vector<at::Tensor>& packed, const std::vector<at::Tensor>& scale,
+                                  const std::vector<at::Tensor>& zero, const std::vector<at::Tensor>& outlier_w,
+                                  const std::vector<at::Tensor>& bias);
 at::Tensor int4pack_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,
                            const at::Tensor& gather, int64_t pad, const at::Tensor& outlier_weight_t,
                            const at::Tensor& bias, int64_t group_size, int64_t out_features);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sink_decode_cpu", &sink_decode_cpu, "decode attention over the sink-aware cache (CPU)");
+  m.def("w4_linear", &w4_linear, "4-bit QuantLinear layers sharing an input, from their stored buffers (CPU)");
   m.def("int4pack_linear", &int4pack_linear, "a QuantLinear through torch's int4pack kernel (CPU)");
 }

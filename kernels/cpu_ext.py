@@ -1,6 +1,7 @@
 """The C++ CPU extension: decode attention over the sink cache and the int4pack linear call.
 
-``cpu_decode_attention.cpp`` (with ``cpu_simd.h``) and ``cpu_int4_linear.cpp`` are compiled together, once, with
+``cpu_decode_attention.cpp`` (with ``cpu_simd.h``), ``cpu_w4_linear.cpp`` and ``cpu_int4_linear.cpp``
+are compiled together, once, with
 ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; about 30-60 s) into
 ``$QUANTSINK_CACHE/torch_extensions``, for the CPU's vector extension (AVX-512, AVX2 or
 plain); the build name carries a digest of the sources, so an edited source rebuilds.
@@ -17,7 +18,8 @@ import torch
 
 from quantsink.errors import QuantsinkError
 
-SOURCES = (Path(__file__).with_name("cpu_decode_attention.cpp"), Path(__file__).with_name("cpu_int4_linear.cpp"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode_attention.cpp", "cpu_w4_linear.cpp",
+                                                    "cpu_int4_linear.cpp"))
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),)  # part of the build digest
 _ISA = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
         "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
@@ -38,7 +40,7 @@ def _build():
     if not (build / f"{name}.so").exists():
         log.warning("quantsink: compiling the CPU kernels once (~30-60 s) into %s", build)
     return load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build), verbose=False,
-                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_ISA.get(isa, [])], extra_ldflags=["-fopenmp"])
+                extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno", *_ISA.get(isa, [])])
 
 
 def extension():

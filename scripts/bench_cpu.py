@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="ctx 512/2048, batch 1, 1 thread, 8 steps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="skip (ctx, batch) cells with more than this many prompt tokens (listed as not run)")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each layer shape's kernel against dense F.linear")
     p.add_argument("--doc", type=Path, default=DOC, help="markdown file whose CPU section is replaced")
@@ -174,7 +176,7 @@ def _kernels(model) -> str:
     c = Counter(getattr(m, "kernel", None) or type(m).__name__ for m in model.modules()
                 if type(m).__name__ in ("QuantLinear", "Int8LMHead"))
     fused = sum(1 for m in model.modules() if type(m).__name__ == "QuantLinear"
-                and m.kernel == "int4pack" and m._plan.int4 is None)
+                and m._plan is not None and m._plan.fused)
     text = ", ".join(f"{k} x{v}" for k, v in sorted(c.items()))
     return (text + (f" ({fused} fused)" if fused else "")) or "-"
 
@@ -263,7 +265,7 @@ def _fused_rows(layer0, dense: tuple, device: str, dtype) -> list[str]:
     for names in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                   ("mlp.gate_proj", "mlp.up_proj")):
         mods = [layer0.get_submodule(n) for n in names]
-        if mods[0]._plan is None or mods[0]._plan.int4 is not None:
+        if mods[0]._plan is None or not mods[0]._plan.fused:
             continue  # not fused
         ws = [torch.cat([m.dequantize() for m in mods]).to(
             {"fp32": torch.float32, "bf16": torch.bfloat16}[d]) for d in dense]
@@ -279,7 +281,7 @@ def _fused_rows(layer0, dense: tuple, device: str, dtype) -> list[str]:
             ds = [_us(lambda wd=wd: F.linear(x.to(wd.dtype), wd), False) for wd in ws]
             label = " + ".join(n.split(".")[-1] for n in names)
             rows.append(f"| {label} (fused) | {ws[0].shape[0]} x {ws[0].shape[1]} | {m} | {q:.0f} "
-                        f"(int4pack, one call) | " + " | ".join(f"{d:.0f}" for d in ds)
+                        f"({mods[0].kernel}, one call) | " + " | ".join(f"{d:.0f}" for d in ds)
                         + f" | {ds[0] / q:.2f}x |")
     return rows
 
@@ -341,7 +343,9 @@ def markdown(results: list[dict], a: argparse.Namespace, cmd: str, kernels: list
              "DynamicCache; `x best unquantized` divides by the faster of fp32 / bf16 in the same "
              "(ctx, batch, threads); `weight products ms/step` runs every Linear (and the lm_head) of "
              "the model once on a random `[batch, in]` row, no attention or cache: the weight "
-             "kernels' share of a decode step.", "", *table(results), ""]
+             "kernels' share of a decode step.", "", *table(results), "",
+             *([f"Not run (more than `--max-tokens {a.max_tokens}` prompt tokens): "
+                + ", ".join(a.skipped) + ".", ""] if getattr(a, "skipped", None) else [])]
     if kernels:
         how = ("`triton.testing.do_bench` median" if a.device == "cuda"
                else "one thread, fastest of 30 calls")
@@ -387,9 +391,12 @@ def main() -> None:
 
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    base, results = base_dir(a.model), []
+    base, results, a.skipped = base_dir(a.model), [], []
     for ctx in a.contexts:
         for batch in a.batches:
+            if a.max_tokens is not None and ctx * batch > a.max_tokens:
+                a.skipped.append(f"ctx {ctx} x batch {batch}")
+                continue
             for threads in a.threads:
                 for variant in a.variants:
                     spec = dict(variant=variant, context=ctx, batch=batch, threads=threads,

@@ -1,4 +1,5 @@
-"""Fused int4pack siblings (q/k/v, gate/up): bit-identical outputs, reuse only for the same x."""
+"""Fused CPU siblings (q/k/v, gate/up) on both CPU kernels: bit-identical outputs, reuse only
+for the same x."""
 from __future__ import annotations
 
 import copy
@@ -8,13 +9,22 @@ import torch
 from quant_layers import input_absmax, make_layer
 from tiny_models import build, token_ids
 
-from quantsink.weights import cpu_int4
-from quantsink.weights.backend import INT4PACK_MAX_ROWS
+from quantsink.weights import cpu_int4, cpu_w4
+from quantsink.weights.backend import INT4PACK_MAX_ROWS, use_backend
 from quantsink.weights.fusion import fuse_siblings
 from quantsink.weights.outliers import split_columns
 from quantsink.weights.runtime import prepare_model
 
-pytestmark = pytest.mark.skipif(cpu_int4.kernel_problem() is not None, reason="no int4pack kernel")
+PROBLEMS = {"cpu": cpu_w4.layer_problem(4, 32), "int4pack": cpu_int4.kernel_problem()}
+
+
+@pytest.fixture(params=sorted(PROBLEMS), autouse=True)
+def kind(request):
+    """Every test runs under each CPU kernel (plans are built and called inside the context)."""
+    if PROBLEMS[request.param] is not None:
+        pytest.skip(PROBLEMS[request.param])
+    with use_backend(request.param):
+        yield request.param
 
 
 def _siblings(bias: bool = True) -> torch.nn.Module:
@@ -30,14 +40,15 @@ def _siblings(bias: bool = True) -> torch.nn.Module:
     return parent
 
 
-@pytest.mark.parametrize("rows", [1, 5, INT4PACK_MAX_ROWS, INT4PACK_MAX_ROWS + 3])
-def test_fused_members_are_bit_identical(rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 5, cpu_w4.W4_MAX_ROWS + 1, INT4PACK_MAX_ROWS, INT4PACK_MAX_ROWS + 3])
+def test_fused_members_are_bit_identical(rows: int, kind: str) -> None:
     fused = _siblings()
     plain = copy.deepcopy(fused)
     for m in plain.children():
         m.prepare("cpu")
     assert fuse_siblings(fused) == 3
-    assert fused.q._plan.int4 is None and fused.other._plan.int4 is not None  # no copy kept
+    assert fused.q._plan.fused and not fused.other._plan.fused and fused.q.kernel == kind
+    assert fused.q._plan.int4 is None  # no converted copy of its own
     x = torch.randn(2, rows, 200)
     for name in ("q", "k", "v", "other"):
         assert torch.equal(getattr(fused, name)(x), getattr(plain, name)(x)), name
@@ -64,7 +75,7 @@ def test_a_changed_member_leaves_the_group_alone() -> None:
     fused.q.weight_scale.mul_(2)
     keep = split_columns(200, fused.q.outlier_idx)
     q = fused.q(x)
-    assert fused.q._plan.int4 is not None  # its own plan again
+    assert not fused.q._plan.fused  # its own plan again
     assert torch.equal(fused.k(x), k_before)
     ref = torch.nn.functional.linear(x, fused.q.dequantize(), fused.q.bias)
     assert (q - ref).abs().max() < 0.02 * ref.abs().max() and keep.numel() == 197
@@ -79,10 +90,10 @@ def test_tiny_llama_fuses_qkv_and_gate_up_only() -> None:
     quantsink.quantize(model, recipe, calibration=input_absmax(model, token_ids(32)), progress=False)
     assert prepare_model(model)["fused"] == 2 * 5  # q/k/v and gate/up, both layers; not o / down
     attn = model.model.layers[0].self_attn
-    assert attn.o_proj._plan.int4 is not None and attn.q_proj._plan.int4 is None
+    assert not attn.o_proj._plan.fused and attn.q_proj._plan.fused
     plain = copy.deepcopy(model)
     assert "fused" not in prepare_model(plain, fuse=False)
-    assert plain.model.layers[0].self_attn.q_proj._plan.int4 is not None  # unfused again
+    assert not plain.model.layers[0].self_attn.q_proj._plan.fused  # unfused again
     ids = token_ids(12, batch=2)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)

@@ -6,7 +6,7 @@ import torch
 from quant_layers import bf16_bound, make_layer
 
 from quantsink.errors import QuantsinkError
-from quantsink.weights import backend, cpu_int4
+from quantsink.weights import backend, cpu_int4, cpu_w4
 from quantsink.weights.backend import use_backend
 from quantsink.weights.linear import QuantLinear
 
@@ -55,12 +55,16 @@ def test_eight_bit_and_other_group_sizes_use_the_reference() -> None:
 
 
 @pytest.mark.skipif(not HAS_INT4PACK, reason="int4pack kernel unavailable on this host")
-def test_auto_picks_int4pack_on_this_cpu() -> None:
+def test_auto_picks_the_cpu_kernel_then_int4pack(monkeypatch) -> None:
+    want = "cpu" if cpu_w4.layer_problem(4, 64) is None else "int4pack"
+    assert make_layer(64, 128, 64, 0).prepare("cpu") == want
+    monkeypatch.setattr(cpu_w4, "_host_problem", lambda: "no AVX512")  # an AVX2 host
     assert make_layer(64, 128, 64, 0).prepare("cpu") == "int4pack"
 
 
 def test_hosts_without_fast_bf16_fall_back_to_the_reference(monkeypatch) -> None:
     monkeypatch.setattr(cpu_int4, "kernel_problem", lambda: "this CPU has no fast bf16")
+    monkeypatch.setattr(cpu_w4, "_host_problem", lambda: "no AVX512")
     layer = make_layer(64, 128, 64, 2)
     assert layer.prepare("cpu") == "reference"
     with pytest.raises(QuantsinkError, match="no fast bf16"):

@@ -34,6 +34,7 @@ from quantsink.kv.primitives import (PackedBlock, cat_blocks, map_rows, quantize
                                      quantize_values, slice_block)
 
 NEVER = torch.iinfo(torch.int64).max
+_NO_TIMES = torch.empty(0, dtype=torch.long)  # never written to
 
 
 @dataclass
@@ -107,6 +108,8 @@ class SinkQuantLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self._check_shape(key_states)
         L = key_states.shape[2]
+        if L == 1 and self.seen not in self.sink_set:
+            return self._decode_update(key_states, value_states)
         pos = torch.arange(self.seen, self.seen + L)
         is_sink = torch.isin(pos, torch.tensor(self.sink_set, dtype=torch.long))
         kept_before = self.num_held()
@@ -126,6 +129,19 @@ class SinkQuantLayer(CacheLayerMixin):
                          self._evictions(kept_before, L), self.evicted)
         self._flush(w0, new_times)
         self.seen += L
+        self.consumed = False
+        return key_states, value_states
+
+    def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """:meth:`update` for one non-sink token (decode): the same state, fewer ops."""
+        kept_before, w0, sd = self.num_held(), self.win_k.shape[2], self.store_dtype
+        self.win_k = torch.cat([self.win_k, key_states.to(sd)], 2)
+        self.win_v = torch.cat([self.win_v, value_states.to(sd)], 2)
+        self.n_nonsink += 1
+        pos = torch.tensor([self.seen])
+        self.step = Step(pos, None, None, _NO_TIMES, self._evictions(kept_before, 1), self.evicted)
+        self._flush(w0, pos)
+        self.seen += 1
         self.consumed = False
         return key_states, value_states
 
@@ -174,7 +190,7 @@ class SinkQuantLayer(CacheLayerMixin):
         """Times at which the oldest body groups leave the cache during this chunk."""
         M, G = self.cfg.max_cache_tokens, self.cfg.key_group_size
         if M is None or self.is_sliding or kept_before + L <= M:
-            return torch.empty(0, dtype=torch.long)
+            return _NO_TIMES
         n_evict = -(-(kept_before + L - M) // G)
         return self.seen + (M - kept_before) + G * torch.arange(n_evict)
 

@@ -2,6 +2,10 @@
 
 Backends (``QUANTSINK_WEIGHT_BACKEND`` or :func:`use_backend` force one; default ``auto``):
 
+- ``cpu`` (CPU, 4-bit, groups of a multiple of 32, the C++ extension built for AVX-512): up
+  to :data:`~quantsink.weights.cpu_w4.W4_MAX_ROWS` rows per call through the W4A32 kernel of
+  :mod:`quantsink.weights.cpu_w4`, which reads the stored buffers (no converted copy; float32
+  reference arithmetic); more rows take the bf16 tiled path below;
 - ``int4pack`` (CPU, 4-bit, groups of 32..256, a host with fast bf16): up to
   :data:`INT4PACK_MAX_ROWS` rows per call through torch's int4pack kernel
   (:mod:`quantsink.weights.cpu_int4`, bf16 activations); more rows (prefill) dequantize tile
@@ -29,7 +33,7 @@ import torch
 from quantsink.errors import check
 from quantsink.weights.cpu_int4 import Int4Pack, convert, layer_problem
 
-BACKENDS = ("auto", "reference", "int4pack", "triton")
+BACKENDS = ("auto", "reference", "cpu", "int4pack", "triton")
 ENV = "QUANTSINK_WEIGHT_BACKEND"
 INT4PACK_MAX_ROWS = 64  # above: tile dequant + bf16 GEMM is faster (measured on SmolLM2 shapes)
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("quantsink_weight_backend", default=None)
@@ -75,6 +79,7 @@ class Plan:
     eager: Callable[[torch.Tensor], torch.Tensor]
     traced: Callable[[torch.Tensor], torch.Tensor]
     int4: Int4Pack | None = None
+    fused: bool = False  # the plan reads a sibling group's shared call (fusion)
 
     def valid(self, layer: Any, device: torch.device) -> bool:
         """Same device, same requested backend, same buffer objects at the same versions."""
@@ -91,6 +96,12 @@ def _problem(kind: str, layer: Any, device: torch.device) -> str | None:
     """Why ``kind`` cannot run ``layer`` on ``device``, or None."""
     if kind == "reference":
         return None
+    if kind == "cpu":
+        if device.type != "cpu":
+            return f"the cpu kernel runs on the CPU, not {device.type}"
+        from quantsink.weights.cpu_w4 import layer_problem as w4_problem
+
+        return w4_problem(layer.bits, layer.group_size)
     if kind == "int4pack":
         if device.type != "cpu":
             return f"the int4pack kernel runs on the CPU, not {device.type}"
@@ -112,7 +123,7 @@ def choose(layer: Any, device: torch.device) -> str:
         check(why is None, f"weight backend {name!r} cannot run {layer.extra_repr()}: {why}; "
                            f"allowed: {ENV}=auto or reference")
         return name
-    for kind in ("int4pack", "triton"):
+    for kind in ("cpu", "int4pack", "triton"):
         if _problem(kind, layer, device) is None:
             return kind
     return "reference"
@@ -129,7 +140,9 @@ def build_plan(layer: Any, device: torch.device, kind: str | None = None) -> Pla
     args = (layer.weight_packed, layer.weight_scale, layer.weight_zero_point, keep,
             layer.outlier_idx, layer.outlier_weight, layer.bias, layer.bits, layer.group_size)
     int4 = None
-    if kind == "int4pack":
+    if kind == "cpu":
+        eager, traced = _w4_calls(layer, args)
+    elif kind == "int4pack":
         int4 = convert(*args[:6], layer.group_size, layer.in_features)
         eager, traced = _int4_calls(int4, args, layer.out_features)
     elif kind == "triton":  # the op's CUDA implementation is the triton kernel
@@ -141,11 +154,11 @@ def build_plan(layer: Any, device: torch.device, kind: str | None = None) -> Pla
 
 
 def bound_plan(layer: Any, device: torch.device, kind: str, eager: Callable, traced: Callable,
-               int4: Int4Pack | None = None) -> Plan:
+               int4: Int4Pack | None = None, fused: bool = False) -> Plan:
     """A :class:`Plan` of ``layer`` valid for its current buffers (``eager``/``traced`` given)."""
     tensors = tuple(layer._buffers[n] for n in _KEYED)
     return Plan(kind, device, _FORCED.get(), tensors, tuple(t._version for t in tensors),
-                layer._parameters.get("bias"), eager, traced, int4)
+                layer._parameters.get("bias"), eager, traced, int4, fused)
 
 
 def _reference(*args: Any) -> torch.Tensor:
@@ -177,6 +190,28 @@ def _int4_calls(p: Int4Pack, args: tuple, out_features: int) -> tuple[Callable, 
     def traced(x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= INT4PACK_MAX_ROWS * x.shape[-1]:
             return int4_op(x, *kargs)
+        return ref_op(x, *args, torch.bfloat16)
+
+    return eager, traced
+
+
+def _w4_calls(layer: Any, args: tuple) -> tuple[Callable, Callable]:
+    """(eager, traced) callables of a cpu (W4A32) plan; many rows take the bf16 tiled path."""
+    from quantsink.weights import cpu_w4
+    from quantsink.weights.qmatmul import quant_linear_ref
+
+    gather, n_q, g = cpu_w4.gather_index(layer), args[3].numel(), layer.group_size
+    tensors = cpu_w4.layer_tensors([layer])
+    w4_op, ref_op = torch.ops.quantsink.w4_linear, torch.ops.quantsink.quant_linear
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= cpu_w4.W4_MAX_ROWS * x.shape[-1]:
+            return cpu_w4.w4_linear_cpu(x, gather, n_q, g, tensors)[0]
+        return quant_linear_ref(x, *args, torch.bfloat16)
+
+    def traced(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= cpu_w4.W4_MAX_ROWS * x.shape[-1]:
+            return w4_op(x, args[0], args[1], args[2], gather, args[5], args[6], n_q, g)
         return ref_op(x, *args, torch.bfloat16)
 
     return eager, traced

@@ -14,9 +14,10 @@ Buffers (all saved in the checkpoint under these names):
   channels kept in floating point and their weight columns.
 
 The forward never holds a dense weight: the kernel is chosen once per device
-(:mod:`quantsink.weights.backend`: torch's int4pack kernel in bf16 on the CPU, a Triton W4A16
-kernel on CUDA, else the torch reference of :mod:`quantsink.weights.qmatmul`, which
-dequantizes tile by tile on every call).
+(:mod:`quantsink.weights.backend`: on the CPU quantsink's W4A32 kernel over these very
+buffers, or torch's int4pack kernel in bf16 on hosts without AVX-512; a Triton W4A16 kernel on
+CUDA; else the torch reference of :mod:`quantsink.weights.qmatmul`, which dequantizes tile by
+tile on every call).
 """
 from __future__ import annotations
 

@@ -9,11 +9,14 @@
 - ``quantsink::int4pack_linear(x, packed, scales_zeros, gather_idx, outlier_idx,
   outlier_weight_t, bias, group_size, out_features, pad)``: the converted CPU form of
   :mod:`quantsink.weights.cpu_int4` (``CPU`` only).
+- ``quantsink::w4_linear(x, weight_packed, weight_scale, weight_zero_point, gather_idx,
+  outlier_weight, bias, n_q, group_size)``: the stored 4-bit buffers through the CPU W4A32
+  kernel of :mod:`quantsink.weights.cpu_w4` (``CPU`` only).
 - ``quantsink::int8_rows_linear(x, weight_int8, weight_scale, compute_dtype)``: the int8 rows
   of the embedding / lm_head (:mod:`quantsink.weights.rows_ops`; ``CPU`` kernel, default:
   the tiled reference).
 
-Both have fake (meta) implementations, so ``torch.compile`` traces them as single nodes.
+All have fake (meta) implementations, so ``torch.compile`` traces them as single nodes.
 They are defined on first use (:func:`ops`), not at import.
 """
 from __future__ import annotations
@@ -30,6 +33,8 @@ QUANT_LINEAR = ("quant_linear(Tensor x, Tensor weight_packed, Tensor weight_scal
 INT4PACK_LINEAR = ("int4pack_linear(Tensor x, Tensor packed, Tensor scales_zeros, "
                    "Tensor gather_idx, Tensor outlier_idx, Tensor outlier_weight_t, "
                    "Tensor? bias, int group_size, int out_features, int pad) -> Tensor")
+W4_LINEAR = ("w4_linear(Tensor x, Tensor weight_packed, Tensor weight_scale, Tensor weight_zero_point, "
+             "Tensor gather_idx, Tensor outlier_weight, Tensor? bias, int n_q, int group_size) -> Tensor")
 INT8_ROWS_LINEAR = ("int8_rows_linear(Tensor x, Tensor weight_int8, Tensor weight_scale, "
                     "ScalarType? compute_dtype=None) -> Tensor")
 _LIBS: list[Any] = []  # keeps the Library objects (and so the registrations) alive
@@ -72,6 +77,18 @@ def _int4pack_fake(x, packed, scales_zeros, gather_idx, outlier_idx, outlier_wei
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def _w4_cpu(x, weight_packed, weight_scale, weight_zero_point, gather_idx, outlier_weight, bias, n_q,
+            group_size):
+    from quantsink.weights.cpu_w4 import w4_linear_op
+
+    return w4_linear_op(x, weight_packed, weight_scale, weight_zero_point, gather_idx, outlier_weight,
+                        bias, n_q, group_size)
+
+
+def _w4_fake(x, weight_packed, *args):
+    return x.new_empty(*x.shape[:-1], weight_packed.shape[0])
+
+
 def _int8_rows_ref(x, weight_int8, weight_scale, compute_dtype=None):
     from quantsink.weights.rows_ops import int8_rows_ref
 
@@ -97,11 +114,14 @@ def ops() -> Any:
     lib.impl("quant_linear", _quant_linear_cuda, "CUDA")
     lib.define(INT4PACK_LINEAR)
     lib.impl("int4pack_linear", _int4pack_cpu, "CPU")
+    lib.define(W4_LINEAR)
+    lib.impl("w4_linear", _w4_cpu, "CPU")
     lib.define(INT8_ROWS_LINEAR)
     lib.impl("int8_rows_linear", _int8_rows_ref, "CompositeExplicitAutograd")
     lib.impl("int8_rows_linear", _int8_rows_cpu, "CPU")
     torch.library.register_fake("quantsink::quant_linear", _quant_linear_fake, lib=lib)
     torch.library.register_fake("quantsink::int4pack_linear", _int4pack_fake, lib=lib)
+    torch.library.register_fake("quantsink::w4_linear", _w4_fake, lib=lib)
     torch.library.register_fake("quantsink::int8_rows_linear", _int8_rows_fake, lib=lib)
     _LIBS.append(lib)
     return torch.ops.quantsink

@@ -162,7 +162,7 @@ def prepare_model(model: nn.Module, fuse: bool = True) -> dict[str, int]:
     if fuse:  # fused members get their plans here, without converting them one by one
         counts["fused"] = fuse_siblings(model, after_each=release_freed_memory)
     for i, mod in enumerate(layers):
-        if not fuse and mod.kernel == "int4pack" and mod._plan.int4 is None:
+        if not fuse and mod._plan is not None and mod._plan.fused:
             mod._plan = None  # undo an earlier fusion
         counts[mod.prepare()] += 1
         if i % 16 == 15:
