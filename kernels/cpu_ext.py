@@ -40,7 +40,8 @@ def _build():
     if not (build / f"{name}.so").exists():
         log.warning("quantsink: compiling the CPU kernels once (~30-60 s) into %s", build)
     return load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build), verbose=False,
-                extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno", *_ISA.get(isa, [])])
+                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_ISA.get(isa, [])],
+                extra_ldflags=["-fopenmp"])  # libgomp.so.1: at run time the one torch loaded
 
 
 def extension():
