@@ -1,8 +1,8 @@
-"""The C++ CPU extension: decode attention over the sink cache and the int4pack linear call.
+"""The C++ CPU extension: decode attention over the sink cache, the W4A32 linear, the int4pack call.
 
-``cpu_decode_attention.cpp`` (with ``cpu_simd.h``), ``cpu_w4_linear.cpp`` and ``cpu_int4_linear.cpp``
-are compiled together, once, with
-``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; about 30-60 s) into
+``cpu_decode_attention.cpp`` (with ``cpu_simd.h``), ``cpu_w4_linear.cpp`` and
+``cpu_int4_linear.cpp`` are compiled together, once, with
+``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; about 40-70 s) into
 ``$QUANTSINK_CACHE/torch_extensions``, for the CPU's vector extension (AVX-512, AVX2 or
 plain); the build name carries a digest of the sources, so an edited source rebuilds.
 ``QUANTSINK_NO_CPU_KERNEL=1`` turns the extension off (callers then use their torch code).
@@ -38,7 +38,7 @@ def _build():
     build = cache_root() / "torch_extensions" / name
     build.mkdir(parents=True, exist_ok=True)
     if not (build / f"{name}.so").exists():
-        log.warning("quantsink: compiling the CPU kernels once (~30-60 s) into %s", build)
+        log.warning("quantsink: compiling the CPU kernels once (~40-70 s) into %s", build)
     return load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build), verbose=False,
                 extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_ISA.get(isa, [])],
                 extra_ldflags=["-fopenmp"])  # libgomp.so.1: at run time the one torch loaded
