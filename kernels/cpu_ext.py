@@ -4,7 +4,7 @@
 ``cpu_int4_linear.cpp`` are compiled together, once, with
 ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; about 40-70 s) into
 ``$QUANTSINK_CACHE/torch_extensions``, for the CPU's vector extension (AVX-512, AVX2 or
-plain); the build name carries a digest of the sources, so an edited source rebuilds.
+plain); the build name carries a digest of the sources and flags, so an edit rebuilds.
 ``QUANTSINK_NO_CPU_KERNEL=1`` turns the extension off (callers then use their torch code).
 """
 from __future__ import annotations
@@ -33,15 +33,16 @@ def _build():
     from quantsink.models import cache_root
 
     isa = torch.backends.cpu.get_cpu_capability()
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
+    cflags = ["-O3", "-fopenmp", "-fno-math-errno", *_ISA.get(isa, [])]
+    text = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + repr(cflags).encode()
+    digest = hashlib.sha256(text).hexdigest()[:12]
     name = f"quantsink_cpu_{isa.lower()}_{digest}"
     build = cache_root() / "torch_extensions" / name
     build.mkdir(parents=True, exist_ok=True)
     if not (build / f"{name}.so").exists():
         log.warning("quantsink: compiling the CPU kernels once (~40-70 s) into %s", build)
     return load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build), verbose=False,
-                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_ISA.get(isa, [])],
-                extra_ldflags=["-fopenmp"])  # libgomp.so.1: at run time the one torch loaded
+                extra_cflags=cflags, extra_ldflags=["-fopenmp"])  # libgomp.so.1: at run time the one torch loaded
 
 
 def extension():
