@@ -15,7 +15,7 @@ from quantsink.kernels.cpu_ext import available, extension  # noqa: F401  (re-ex
 from quantsink.kv.primitives import PackedBlock
 
 
-_EMPTY8, _EMPTY = torch.empty(0, dtype=torch.uint8), torch.empty(0)
+_EMPTY8, _EMPTY, _NO_MASK = torch.empty(0, dtype=torch.uint8), torch.empty(0), torch.empty(0, dtype=torch.bool)
 _NO_BODY = [_EMPTY8, _EMPTY, _EMPTY, _EMPTY8, _EMPTY, _EMPTY8, _EMPTY, _EMPTY, 0, 64, 4, 4, 64, False]
 
 
@@ -42,7 +42,7 @@ def sink_decode_cpu(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor,
     if q.shape[2] != 1 or q.device.type != "cpu":
         raise QuantsinkError(f"the CPU decode kernel takes one query per row on the CPU, got Lq={q.shape[2]} "
                              f"on {q.device}; allowed: backend='torch'")
-    mask = _EMPTY8.bool() if key_mask is None else key_mask.to(torch.bool)
+    mask = _NO_MASK if key_mask is None else key_mask.to(torch.bool)
     body = _body_args(body_k, body_v)
     out = extension().sink_decode_cpu(
         q.detach(), q.detach() if q_sink is None else q_sink.detach(), sink_k, sink_v, *body[:8], win_k, win_v,

@@ -60,10 +60,14 @@ def extension():
     return _STATE["ext"]
 
 
+def extension_or_none():
+    """The compiled extension (compiled now if needed), or None when it is not available."""
+    try:
+        return extension()
+    except QuantsinkError:
+        return None
+
+
 def available() -> bool:
     """True when the extension is compiled (or compiles now)."""
-    try:
-        extension()
-    except QuantsinkError:
-        return False
-    return True
+    return extension_or_none() is not None

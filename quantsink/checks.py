@@ -52,16 +52,10 @@ def check_finite_json(doc: Any, what: str, path: str = "") -> None:
             check_finite_json(v, what, f"{path}[{i}]")
 
 
-def context_length(model: nn.Module) -> int | None:
-    """The model's context (``max_position_embeddings`` of its text config), if it has one."""
-    from quantsink.hf.arch import text_config
-
-    value = getattr(text_config(model), "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
 def check_seq_len(model: nn.Module, seq_len: int, flag: str = "--calib-seq-len") -> None:
     """Refuse calibration windows longer than the model's context."""
+    from quantsink.hf.arch import context_length
+
     context = context_length(model)
     check(context is None or seq_len <= context,
           f"{flag} {seq_len} is longer than the model's context of {context} tokens; allowed: 2..{context}")

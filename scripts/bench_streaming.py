@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from quantsink.weights.resume import STOP_ENV
+from quantsink.weights.resume import STOP_ENV, work_dir_for
 
 CHILD = """
 import json, sys, time, torch
@@ -117,7 +117,7 @@ def main() -> None:
                           text=True, env=env)
     if proc.returncode != 0:
         print(json.dumps({"returncode": proc.returncode, "work_dir_layers": len(list(
-            Path(f"{out}.partial").glob("layer-*.safetensors")))}))
+            work_dir_for(out).glob("layer-*.safetensors")))}))
         return
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     child = json.loads(proc.stdout.strip().splitlines()[-1])

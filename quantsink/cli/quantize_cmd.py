@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 from quantsink.cli.common import add_calib_args, add_model_arg, check_calib_args, check_source
@@ -161,13 +162,10 @@ def _check_stream_args(args: argparse.Namespace) -> None:
 
 
 def _run_streamed(args: argparse.Namespace, recipe, progress: bool, t0: float) -> int:
-    from quantsink.weights.streaming import quantize_streaming
-    from quantsink.weights.summary import format_summary
-
-    import sys
-
     from quantsink.cli import Terminated
     from quantsink.weights.resume import work_dir_for
+    from quantsink.weights.streaming import quantize_streaming
+    from quantsink.weights.summary import format_summary
 
     try:
         out, report = quantize_streaming(args.model, recipe, args.out, calib=args.calib,

@@ -122,16 +122,21 @@ def _leaf_names(names: list[str], limit: int = 12) -> str:
 
 def check_outlier_channels(model: nn.Module, plans: list[LayerPlan], requested: int,
                            ignore: list[str]) -> None:
-    """Refuse ``weights.outlier_channels`` above half of a quantized Linear's input width
-    (instead of keeping fewer than the recipe asks for)."""
+    """Refuse ``weights.outlier_channels`` above half of the input width of a quantized Linear
+    or experts projection (instead of keeping fewer than the recipe asks for)."""
+    from quantsink.hf.moe import expert_matrices, experts_layout
     from quantsink.weights.layer import is_ignored
 
     prefix, layers = decoder_layers(model)
     for i, (layer, plan) in enumerate(zip(layers, plans)):
-        for name in plan.linears:
-            if is_ignored(f"{prefix}.{i}.{name}", ignore):
-                continue
-            width = layer.get_submodule(name).in_features
+        widths = [(f"{prefix}.{i}.{name}", layer.get_submodule(name).in_features) for name in plan.linears
+                  if not is_ignored(f"{prefix}.{i}.{name}", ignore)]
+        for name in plan.experts:  # experts are always quantized
+            module = layer.get_submodule(name)
+            layout = experts_layout(module)
+            widths += [(f"{prefix}.{i}.{name}.{proj}", expert_matrices(module, layout, proj).shape[2])
+                       for proj in layout.projections]
+        for where, width in widths:
             check(requested <= width // 2,
-                  f"weights.outlier_channels={requested} is more than half of {prefix}.{i}.{name}'s "
+                  f"weights.outlier_channels={requested} is more than half of {where}'s "
                   f"input width {width}; allowed: 0..{width // 2} for this model")

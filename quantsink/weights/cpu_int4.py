@@ -110,9 +110,9 @@ def convert(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
 
 def _extension():
     """The C++ extension's module (one call per linear), or None when it is not available."""
-    from quantsink.kernels import cpu_ext
+    from quantsink.kernels.cpu_ext import extension_or_none
 
-    return cpu_ext.extension() if cpu_ext.available() else None
+    return extension_or_none()
 
 
 def int4pack_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,

@@ -46,10 +46,7 @@ def _pack_projection(w: torch.Tensor, cfg: WeightConfig, groups: Callable[[int, 
     e_count, out, inp = w.shape
     packed = PackedExperts(e_count, inp, out, cfg.bits, cfg.group_size,
                            outlier_count(cfg.outlier_channels, inp))
-    rtn, failed = dataclasses.replace(cfg, algorithm="rtn"), []
-    check(cfg.outlier_channels <= inp // 2,
-          f"weights.outlier_channels={cfg.outlier_channels} is more than half of {where}'s input width "
-          f"{inp}; allowed: 0..{inp // 2} for this model")
+    rtn, failed = dataclasses.replace(cfg, algorithm="rtn"), []  # widths: check_outlier_channels
     for e in range(e_count):
         group = groups(e, e in fallback)
         check_group_stats(group, f"{where} (expert {e})")

@@ -68,6 +68,15 @@ _WHAT = {"model": "another model (config.json or weight files differ)",
          "version": "another work-directory layout", "num_layers": "another model"}
 
 
+def _read_manifest(path: Path) -> dict:
+    """The manifest of work directory ``path`` ({} when unreadable)."""
+    try:
+        old = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
 class WorkDir:
     """The work directory of one streamed run (see the module docstring)."""
 
@@ -89,31 +98,23 @@ class WorkDir:
             check(force, f"work directory {str(path)!r} of an earlier run exists; allowed: --resume to "
                          "continue it, or --force to start over")
             return cls(path, manifest)
-        try:
-            old = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            old = {}
-        differ = [k for k in manifest if not isinstance(old, dict) or old.get(k) != manifest[k]] or [""]
+        old = _read_manifest(path)
+        differ = [k for k in manifest if old.get(k) != manifest[k]] or [""]
         check(not differ[0], f"--resume: work directory {str(path)!r} was made for "
                              f"{_WHAT.get(differ[0], differ[0])}; allowed: the same "
                              "--model, recipe and calibration, or remove it (or --force) to start over")
         return cls(path, manifest, resume=True)
 
     def create(self) -> None:
-        """Make the directory with its manifest (an old one is replaced), unless resuming."""
-        if self.resume and (self.path / MANIFEST).is_file() and self._matches():
+        """Make the directory with its manifest (an old one is replaced), unless resuming (then
+        :meth:`open` has matched the manifest: only stale temporaries go)."""
+        if self.resume:
             self._clean_temporaries()
             return
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         self._write(self.path / MANIFEST, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
-
-    def _matches(self) -> bool:
-        try:
-            return json.loads((self.path / MANIFEST).read_text(encoding="utf-8")) == self.manifest
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return False
 
     def _clean_temporaries(self) -> None:
         for f in self.path.glob("*.tmp-*"):

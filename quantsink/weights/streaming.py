@@ -22,6 +22,7 @@ GGUF and ``*.bin`` sources (each refused with one line).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +113,7 @@ def _install_shells(layer: nn.Module, prefix: str, reports: list[dict], wcfg: An
 def _export_nbytes(dtype: str, shape: list[int]) -> int:
     """Bytes of a tensor once :func:`~quantsink.weights.export.export_tensor` stored it."""
     t = torch.empty(0, dtype=_ST_DTYPES[dtype])
-    size = 2 if t.is_floating_point() else t.element_size()
-    n = 1
-    for d in shape:
-        n *= d
-    return n * size
+    return math.prod(shape) * (2 if t.is_floating_point() else t.element_size())
 
 
 def _calibrate(model: nn.Module, tok: Any, windows: torch.Tensor | None, calibration: Any,
