@@ -1,2 +1,10 @@
-"""Triton kernels. Nothing here is imported by ``import quantsink``; each kernel module
-imports triton itself, lazily, when a launcher first runs."""
+"""quantsink's compute kernels (installed as ``quantsink.kernels``): Triton kernels for CUDA and
+C++ kernels for the CPU, each with a plain torch reference that is its spec.
+
+Nothing here is imported by ``import quantsink``; Triton modules import triton lazily, when a
+launcher first runs, and the C++ extension compiles on first use (:mod:`.cpu_ext`).
+"""
+if __name__ != "quantsink.kernels":  # found as a top-level `kernels` from the repo root
+    from quantsink._toplevel import step_aside
+
+    step_aside(__name__, __file__)
