@@ -5,6 +5,8 @@ Nothing here is imported by ``import quantsink``; Triton modules import triton l
 launcher first runs, and the C++ extension compiles on first use (:mod:`.cpu_ext`).
 """
 if __name__ != "quantsink.kernels":  # found as a top-level `kernels` from the repo root
-    from quantsink._toplevel import step_aside
+    import os
+    import runpy  # by path: importing the quantsink package here would import it for a third party
 
-    step_aside(__name__, __file__)
+    runpy.run_path(os.path.join(os.path.dirname(__file__), os.pardir, "quantsink", "_toplevel.py"))[
+        "step_aside"](__name__, __file__)

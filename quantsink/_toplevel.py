@@ -5,9 +5,10 @@
 pytest``, ``python -c``, a notebook started there) Python would also find them as top-level
 ``kernels`` / ``recipes`` and hide an installed package of that name: transformers >= 5.25
 imports Hugging Face's ``kernels`` when it loads a model. Each folder's ``__init__`` calls
-:func:`step_aside` when it runs under the top-level name; the import then yields the
-installed package, or, where none is installed, an empty namespace module (what a folder
-without ``__init__.py`` gives), so no quantsink code answers to a third-party name.
+:func:`step_aside` when it runs under the top-level name (loading this file by path, so that a
+third party's import does not import quantsink); the import then yields the installed package
+or, where none is installed, an empty namespace module (what a folder without ``__init__.py``
+gives), so no quantsink code answers to a third-party name.
 """
 from __future__ import annotations
 

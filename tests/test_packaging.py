@@ -29,6 +29,7 @@ for name in sys.argv[1:]:
         continue
     out[name] = {"file": getattr(m, "__file__", None), "path": list(getattr(m, "__path__", []) or []),
                  "fake": getattr(m, "FAKE", False)}
+out["quantsink imported"] = "quantsink" in sys.modules
 print(json.dumps(out))
 """
 
@@ -51,7 +52,9 @@ def _inside_checkout(p: str | None) -> bool:
 
 def test_no_checkout_code_answers_to_a_top_level_name():
     """Without a package of that name installed, the import runs none of the checkout's code."""
-    for name, info in _probe().items():
+    found = _probe()
+    assert not found.pop("quantsink imported"), "importing a top-level name imported quantsink"
+    for name, info in found.items():
         if "error" in info:
             continue
         if name == "kernels" and importlib.util.find_spec("kernels") is not None:

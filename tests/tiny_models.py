@@ -1,7 +1,8 @@
 """Tiny random-init decoders of every supported family (no downloads), for the matrix tests.
 
-``build(name)`` returns an fp32 model in eval mode; ``ARCHS`` lists the supported families,
-``UNSUPPORTED`` the ones quantsink refuses with one line, ``MOE_EXTRA`` more MoE families
+``build(name)`` returns an fp32 model in eval mode; ``ARCHS`` lists the supported families
+(Falcon where this transformers routes its attention through the AttentionInterface),
+``REFUSED`` the ones quantsink refuses with one line (and what the line says), ``MOE_EXTRA`` more MoE families
 (Qwen3-MoE, Qwen2-MoE, Mixtral: concatenated gate/up experts stored ``[E, out, in]``). Every model has hidden 64, 4 query
 and 2 KV heads, ``initializer_range=0.1`` (so attention is far from uniform) and a sliding
 window of 40 tokens where the family has one (shorter than the 96-token test sequences,
@@ -9,6 +10,8 @@ longer than a 16-token fp16 window plus a 16-token key group, so that sliding la
 to quantized tokens).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -52,14 +55,13 @@ def _configs() -> dict:
         "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, initializer_range=0.1,
                                          bos_token_id=1, eos_token_id=2),
+        "falcon_alibi": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, initializer_range=0.1, alibi=True,
+                                               bos_token_id=1, eos_token_id=2),
     }
 
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt_oss",
-         "cohere", "granite")
-UNSUPPORTED = ("gpt2", "falcon")
-MOE_EXTRA = ("qwen3_moe", "qwen2_moe", "mixtral")  # concatenated gate/up [E, out, in]; Qwen2-MoE
-# adds a shared expert (Linear layers) behind a Linear gate [1, H]
+
 
 
 def build(name: str, seed: int = 0, sink_logits: float = 1.5, **overrides: object) -> torch.nn.Module:
@@ -119,3 +121,27 @@ def save(model: "torch.nn.Module | str", path, **build_kwargs: object) -> torch.
     model.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return model
+
+
+@functools.cache
+def falcon_routes() -> bool:
+    """Whether this transformers routes Falcon's attention through the AttentionInterface (5.25 does)."""
+    from quantsink.errors import QuantsinkError
+    from quantsink.hf.support import check_supported
+
+    try:
+        check_supported(build("falcon"))
+    except QuantsinkError:
+        return False
+    return True
+
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt_oss",
+         "cohere", "granite") + (("falcon",) if falcon_routes() else ())
+# refused with one line: what the line says
+REFUSED = {"gpt2": "Conv1D", "falcon_alibi": "uses ALiBi", **({} if falcon_routes() else
+                                                               {"falcon": "does not route its attention"})}
+UNSUPPORTED = tuple(REFUSED)
+REFUSED_FALCON = "falcon_alibi" if falcon_routes() else "falcon"  # a Falcon this transformers refuses
+MOE_EXTRA = ("qwen3_moe", "qwen2_moe", "mixtral")  # concatenated gate/up [E, out, in]; Qwen2-MoE
+# adds a shared expert (Linear layers) behind a Linear gate [1, H]

@@ -19,8 +19,8 @@ from torch import nn
 from quantsink.errors import QuantsinkError, check
 
 SUPPORTED_FAMILIES = ("Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3, OLMo 2, GPT-OSS, Cohere, "
-                      "Granite (decoder-only models whose attention goes through transformers' "
-                      "AttentionInterface)")
+                      "Granite, Falcon without ALiBi (decoder-only models whose attention goes through "
+                      "transformers' AttentionInterface, as Falcon's does from transformers 5.25)")
 LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
                "transformer.h")
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -134,6 +134,10 @@ def check_causal_decoder(model: nn.Module) -> None:
           f"{name} is an encoder-decoder model; supported: {SUPPORTED_FAMILIES}")
     check(getattr(cfg, "is_causal", True) and not getattr(cfg, "use_bidirectional_attention", False),
           f"{name} uses bidirectional attention; supported: causal decoders ({SUPPORTED_FAMILIES})")
+    # ALiBi (Falcon's config.alibi) adds its position bias into the attention mask, which the sink
+    # cache's attention does not read as a bias
+    check(not getattr(cfg, "alibi", False), f"{name} uses ALiBi position bias (config.alibi=True), which "
+                                            f"quantsink's attention does not apply; supported: {SUPPORTED_FAMILIES}")
 
 
 def attention_specs(model: nn.Module) -> list[AttentionSpec]:

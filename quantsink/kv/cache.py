@@ -168,7 +168,7 @@ class SinkQuantCache(Cache):
     def crop(self, *args: Any, **kwargs: Any) -> None:
         self.layers[0].crop(0)
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, *args: Any, **kwargs: Any) -> None:
         raise QuantsinkError("SinkQuantCache cannot be used by an assistant model (assisted decoding); "
                              "allowed: plain, sampled or beam-search generation")
 
