@@ -21,10 +21,10 @@ Correct by construction: every ``update`` of a layer must be read by quantsink's
 in the same forward (a model whose attention bypasses it is refused with one line); the
 cache serves only the model it was attached to, with the batch it started with.
 
-Left padding: sinks are positions in the padded batch. So that every row keeps its own
-first ``num_sinks`` real tokens in fp16, the sink set is the union over rows of
-``pad_b + s``; a row therefore may keep a few more real tokens in fp16 than others, and
-pad positions are masked out everywhere.
+Batches: rows of equal length share one layout. A left-padded batch (or one of several rows
+with content sinks) is stored row by row (:mod:`quantsink.kv.rows`): each row keeps its own
+first real tokens as sinks and its own flush schedule, so it is cached exactly as it would
+be alone, and pads are never stored. A custom 4-D attention mask is refused with one line.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from quantsink.kv.config import KVConfig
 from quantsink.kv.layer import SinkQuantLayer
 from quantsink.kv.prefill import chunk_attention_ref
 from quantsink.kv.rotation import hadamard
+from quantsink.kv.rows import RowsLayer
 from quantsink.kv.tokens import TokenState
 
 
@@ -58,6 +59,7 @@ class SinkQuantCache(Cache):
         self.config, self.backend = config, backend
         self._stack: Any = None  # weak reference to the decoder stack of the attached model
         self._rope: dict[int, Any] = {}  # layer -> RopeShift (StreamingLLM mode)
+        self._chunk = 0  # positions the running forward brings
 
     @classmethod
     def from_recipe(cls, model: Any, recipe: Any, sink_map: Any = None,
@@ -115,10 +117,12 @@ class SinkQuantCache(Cache):
               "SinkQuantCache.from_recipe(model, recipe) or call cache.attach(model)")
         self._check_consumed()
         self.tokens.begin(input_ids, attention_mask, self.get_seq_length(), has_embeds)
+        self._chunk = 0
 
     def end_forward(self) -> None:
         """The forward is over: every layer it updated must have been attended."""
         self._check_consumed()
+        self.tokens.end(self._chunk)
 
     def _check_consumed(self) -> None:
         stale = [i for i, layer in enumerate(self.layers) if not layer.consumed]
@@ -137,18 +141,22 @@ class SinkQuantCache(Cache):
             raise QuantsinkError("SinkQuantCache is not attached to this model; create it with "
                                  "SinkQuantCache.from_recipe(model, recipe) or call cache.attach(model)")
         self._check_consumed()
-        layer = self.layers[layer_idx]
-        if not layer.is_initialized:
-            layer.set_sinks(self.tokens.sink_positions())
-        if self.tokens.new_sinks:
-            layer.add_sinks(self.tokens.new_sinks)
+        layer, tokens = self.layers[layer_idx], self.tokens
+        if tokens.ragged and not isinstance(layer, RowsLayer):
+            layer = self.layers[layer_idx] = RowsLayer.split(layer, tokens.rows())
         if self.config.rotate:
             h = hadamard(key_states.shape[-1], key_states.device, key_states.dtype)
             key_states, value_states = key_states @ h, value_states @ h
-        layer.update(key_states, value_states)
+        self._chunk = key_states.shape[2]
+        if isinstance(layer, RowsLayer):
+            layer.update(key_states, value_states, tokens.real, tokens.new_sinks, tokens.positional)
+        else:  # one shared layout: no padding, and content sinks only with one row
+            layer.admit_sinks(tokens.positional, tokens.new_sinks.get(0))
+            layer.update(key_states, value_states)
         return key_states, value_states
 
     def reset(self) -> None:
+        self.layers = [SinkQuantLayer(self.config, layer.sliding_window) for layer in self.layers]
         super().reset()
         self.tokens.reset()
 
@@ -178,10 +186,16 @@ class SinkQuantCache(Cache):
         layer = self.layers[layer_idx]
         check(not layer.consumed and layer.step is not None,
               f"layer {layer_idx} attends without a SinkQuantCache update in this forward")
-        layer.consumed = True
         check(extras.sliding_window == layer.sliding_window,
               f"layer {layer_idx} attends with sliding_window={extras.sliding_window} but the cache was "
               f"built for {layer.sliding_window}; allowed: SinkQuantCache.from_recipe(model, recipe)")
+        if isinstance(layer, RowsLayer):
+            return layer.attend(q, lambda row, q_row: self._attend_layer(layer_idx, row, q_row, extras))
+        return self._attend_layer(layer_idx, layer, q, extras)
+
+    def _attend_layer(self, layer_idx: int, layer: SinkQuantLayer, q: torch.Tensor, extras: Any) -> torch.Tensor:
+        """:meth:`attend` over one shared-layout layer (the whole batch, or one row of a RowsLayer)."""
+        layer.consumed = True
         q_sink = self._sink_queries(layer_idx, layer, q)
         h = hadamard(q.shape[-1], q.device, q.dtype) if self.config.rotate else None
         if h is not None:
@@ -192,11 +206,10 @@ class SinkQuantCache(Cache):
             layer.finish(next_query=layer.seen - 1)  # a decode step sees its own flushes and evictions
             body = layer.body_k if layer.body_k is not None and layer.body_k.num_tokens else None
             out = decode_attention(q, layer.sink_k, layer.sink_v, body, layer.body_v if body is not None else None,
-                                   layer.win_k, layer.win_v, extras.scaling, key_mask=self._key_mask(layer),
-                                   q_sink=q_sink, sliding_window=layer.sliding_window, backend=self.backend,
+                                   layer.win_k, layer.win_v, extras.scaling, q_sink=q_sink, sliding_window=layer.sliding_window, backend=self.backend,
                                    **opts)
         else:
-            out = chunk_attention_ref(layer, q, extras.scaling, pad=self.tokens.padding, q_sink=q_sink, **opts)
+            out = chunk_attention_ref(layer, q, extras.scaling, q_sink=q_sink, **opts)
             layer.finish()
         return out @ h.T if h is not None else out
 
@@ -215,11 +228,6 @@ class SinkQuantCache(Cache):
         q_sink[:, :, moved] = self._rope[layer_idx](q[:, :, moved], shift[moved].to(q.device))
         return q_sink
 
-    def _key_mask(self, layer: SinkQuantLayer) -> torch.Tensor | None:
-        if self.tokens.padding is None:
-            return None
-        return self.tokens.padding[:, layer.positions()].to(layer.device)
-
     # -- accounting ----------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes really held: fp16 sinks and window, packed codes, fp16 scales and zeros."""
@@ -227,11 +235,7 @@ class SinkQuantCache(Cache):
 
     def avg_bits(self) -> float:
         """Bits held per cached K/V element (everything counted), 0.0 when empty."""
-        elems = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                B, H, _, D = layer.sink_k.shape
-                elems += 2 * B * H * D * layer.num_held()
+        elems = sum(layer.held_elements() for layer in self.layers)
         return 8.0 * self.nbytes() / elems if elems else 0.0
 
 

@@ -23,6 +23,7 @@ position. StreamingLLM eviction does not apply to them (they are bounded already
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,13 @@ class SinkQuantLayer(CacheLayerMixin):
             wanted = [p for i, p in enumerate(wanted) if p == i]
         self.sink_set = wanted
         self.key_offset = sum(p < self.cfg.key_group_size for p in self.sink_set) % self.cfg.key_group_size
+
+    def admit_sinks(self, positional: list[int], new: list[int] | None) -> None:
+        """Before an update: the positional sinks (first update) and newly found content sinks."""
+        if not self.is_initialized:
+            self.set_sinks(positional)
+        if new:
+            self.add_sinks(new)
 
     def add_sinks(self, positions: list[int]) -> None:
         """More sink positions (content sinks), none of them seen yet; none in sliding layers."""
@@ -235,6 +243,13 @@ class SinkQuantLayer(CacheLayerMixin):
         body_win = self.nonsink_positions(self.evicted, self.evicted + n_body + self.win_k.shape[2])
         return torch.cat([torch.tensor(self.sink_pos, dtype=torch.long), body_win])
 
+    def held_elements(self) -> int:
+        """K and V elements held now (for the average bits)."""
+        if not self.is_initialized:
+            return 0
+        B, H, _, D = self.sink_k.shape
+        return 2 * B * H * D * self.num_held()
+
     def nbytes(self) -> int:
         """Bytes of the persistent tensors (sinks, body codes/scales/zeros, window)."""
         if not self.is_initialized:
@@ -286,6 +301,14 @@ class SinkQuantLayer(CacheLayerMixin):
                                                                            self.win_k, self.win_v))
         self.body_k = None if self.body_k is None else map_rows(self.body_k, fn)
         self.body_v = None if self.body_v is None else map_rows(self.body_v, fn)
+
+    def select_rows(self, rows: torch.Tensor) -> "SinkQuantLayer":
+        """A new, independent layer holding rows ``rows`` of this one (this one is unchanged)."""
+        self.finish()
+        new = copy.copy(self)
+        new.sink_set, new.sink_pos = list(self.sink_set), list(self.sink_pos)
+        new._map_rows(lambda t: t.index_select(0, rows.to(t.device)))
+        return new
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep rows ``beam_idx`` (in that order)."""
