@@ -115,9 +115,9 @@ def _check_body(bk: PackedBlock, bv: PackedBlock, B: int, Hkv: int, D: int, devi
     if bk.outlier_idx is not None:
         n_out = bk.outlier_idx.shape[3] if bk.outlier_idx.dim() == 5 else -1
         os_ = (*ks[:3], n_out, D)
-        _require(n_out > 0 and bk.outlier_idx.shape == os_ and bk.outlier_idx.dtype == torch.uint8
+        _require(n_out > 0 and bk.outlier_idx.shape == os_ and bk.outlier_idx.dtype in (torch.uint8, torch.int16)
                  and bk.outlier_delta is not None and bk.outlier_delta.shape == os_,
-                 lambda: f"body_k outlier_idx (uint8) and outlier_delta must be {os_}")
+                 lambda: f"body_k outlier_idx (uint8 or int16) and outlier_delta must be {os_}")
     _require(bk.zero is not None, lambda: "body_k must store its zero (symmetric keys are not supported)")
     _require(bv.scale.shape == vs and (bv.zero is None or bv.zero.shape == vs),
              lambda: f"body_v scale/zero must be {vs}")

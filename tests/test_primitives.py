@@ -135,3 +135,20 @@ def test_key_outliers_shrink_the_range_and_are_kept(outliers: int, offset: int, 
     assert sparse.nbytes() - plain.nbytes() == 2 * 2 * outliers * 16 * 3  # uint8 slot + fp16 delta
     halves = cat_blocks(slice_block(sparse, 0, G - offset), slice_block(sparse, G - offset, 2 * G - offset))
     assert torch.equal(dequantize(halves), deq)
+
+
+@settings(max_examples=20, deadline=None)
+@given(group=st.sampled_from([16, 48, 128, 256, 257, 300, 512, 1024]), outliers=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
+def test_key_outliers_hold_any_allowed_group_size(group: int, outliers: int, seed: int) -> None:
+    """The slot index holds every slot of groups up to 1024 tokens (uint8 up to 256, int16 above):
+    the outliers are kept exact and the error is never worse than without them."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 1, group, 8, generator=gen)
+    slot = int(torch.randint(group // 2, group, (1,), generator=gen))  # past 255 for large groups
+    k[0, 0, slot, 2] = 30.0
+    plain, sparse = quantize_keys(k, 2, group), quantize_keys(k, 2, group, outliers=outliers)
+    assert sparse.outlier_idx.dtype == (torch.uint8 if group <= 256 else torch.int16)
+    deq = dequantize(sparse)
+    assert abs(deq[0, 0, slot, 2].item() - 30.0) < 0.05
+    assert (deq - k).square().sum() <= (dequantize(plain) - k).square().sum()

@@ -3,7 +3,8 @@
 At 2 bits one extreme token stretches the min/max range of its channel over a whole key
 group. With ``k`` outliers per channel and group, the ``k`` tokens whose removal shrinks
 the channel's range the most are left out of the range; they are coded like the rest
-(clamped) and the cache keeps, per (group, channel), their slot in the group (uint8) and
+(clamped) and the cache keeps, per (group, channel), their slot in the group (uint8 for
+groups of up to 256 tokens, int16 above: :func:`slot_dtype`) and
 the fp16 correction ``x - dequantized(x)``. Dequantization adds the corrections back, so
 those entries are exact up to fp16 rounding.
 
@@ -13,6 +14,11 @@ Shapes: grouped keys ``[B, H, n / G, G, D]``; ``idx`` and ``delta`` ``[B, H, n /
 from __future__ import annotations
 
 import torch
+
+
+def slot_dtype(group_size: int) -> torch.dtype:
+    """The integer type that holds every slot of a group of ``group_size`` tokens."""
+    return torch.uint8 if group_size <= 256 else torch.int16
 
 
 def select(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -110,7 +110,7 @@ class PackedBlock:
     group_size: int
     axis: str
     offset: int = 0  # keys only: phantom tokens before the first (shortened) group
-    outlier_idx: torch.Tensor | None = None  # keys only: uint8 [B, H, n_groups, k, D] (see outliers)
+    outlier_idx: torch.Tensor | None = None  # keys only: uint8/int16 [B, H, n_groups, k, D] (see outliers)
     outlier_delta: torch.Tensor | None = None  # fp16, same shape: exact minus dequantized
 
     @property
@@ -150,7 +150,7 @@ def quantize_keys(k: torch.Tensor, bits: int, group_size: int, clip: bool = Fals
         idx = outliers_mod.select(grouped, outliers)
         codes, scale, zero = _quant_range(grouped, *outliers_mod.inlier_range(grouped, idx), bits)
         delta = outliers_mod.corrections(grouped, codes * scale.float() + zero.float(), idx)
-        idx = idx.to(torch.uint8)
+        idx = idx.to(outliers_mod.slot_dtype(group_size))
     else:
         codes, scale, zero = _minmax_quant(grouped, dim=3, bits=bits, clip=clip)
     codes = codes.reshape(B, H, n, D)[:, :, offset:]
