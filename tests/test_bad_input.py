@@ -42,7 +42,6 @@ def work(tmp_path_factory):
         "version.yaml": "version: 2\n" + W4,
         "sinks.yaml": KV + "  num_sinks: 1000000000\n",
         "bigroup.yaml": KV.replace("key_group_size: 16", "key_group_size: 100000"),
-        "vgroup.yaml": KV.replace("value_group_size: 16", "value_group_size: 12"),
         "text.jsonl": '{"text": 42}\n',
         "nonutf8.txt": None, "nonutf8.yaml": None,
     }
@@ -142,7 +141,6 @@ CLI_CASES = {
     "eval calibration without recipe": (EVAL + ["--calibration", "@tiny"], "--calibration needs --recipe"),
     "eval weights-only recipe": (EVAL + ["--recipe", "@w4.yaml"], "has no kv_cache section"),
     "eval window shorter than a group": (EVAL + ["--recipe", "@kv.yaml", "--window", "8"], "shorter than one key group"),
-    "eval value group not dividing head_dim": (EVAL + ["--recipe", "@vgroup.yaml"], "does not divide"),
     # inspect
     "inspect out is a file": (INSPECT + ["--out", "@afile"], "is a file"),
     "inspect out not a report": (INSPECT + ["--out", "@notckpt"], "not a quantsink report"),

@@ -186,3 +186,13 @@ def test_content_sinks_keep_first_occurrences(occurrences: int, expected: list[i
 def test_content_sinks_need_a_sink_map() -> None:
     with pytest.raises(QuantsinkError, match="content_sinks=true needs a calibrated sink map"):
         SinkQuantCache(KVConfig(content_sinks=True), 2)
+
+
+@pytest.mark.parametrize("group,dim,want", [(64, 96, 48), (64, 64, 64), (64, 16, 16), (12, 16, 8), (32, 96, 32),
+                                            (128, 80, 80), (64, 80, 40)])
+def test_value_group_is_the_largest_divisor_of_head_dim(group: int, dim: int, want: int) -> None:
+    cfg = KVConfig(value_group_size=group, rotate=True)
+    assert cfg.value_group_for(dim) == want
+    notes = cfg.notes(dim)
+    assert any("value_group_size" in n for n in notes) == (want not in (group, dim))
+    assert any("block-diagonal" in n for n in notes) == (dim & (dim - 1) != 0)

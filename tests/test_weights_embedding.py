@@ -95,12 +95,22 @@ def test_untied_head_gets_its_own_rows() -> None:
     assert "lm_head.weight_int8" in model.state_dict()
 
 
-def test_scaled_or_biased_modules_are_refused() -> None:
+def test_scaled_embeddings_keep_their_scale_and_odd_ones_are_refused() -> None:
     import tiny_models
 
     gemma = tiny_models.build("gemma3")  # its embedding multiplies by sqrt(hidden) in forward
-    with pytest.raises(QuantsinkError, match="needs a plain nn.Embedding"):
-        quantize_embeddings(gemma, 8, 8)
+    ids = torch.arange(40)[None]
+    want = gemma.get_input_embeddings()(ids)
+    quantize_embeddings(gemma, 8, 8)
+    got = gemma.get_input_embeddings()(ids)
+    assert gemma.get_input_embeddings().embed_scale == 8.0
+    assert (got - want).abs().max() <= 8.0 * gemma.get_input_embeddings().weight_scale.float().max() / 2 + 1e-6
+    odd = tiny_models.build("gemma3")
+    odd.get_input_embeddings().scalar_embed_scale = 3.0  # says 3, multiplies by 8: not what it claims
+    with pytest.raises(QuantsinkError, match="scaled by a constant"):
+        quantize_embeddings(odd, 8, 8)
+    with pytest.raises(QuantsinkError, match="scaled by a constant"):  # before any work: no calibration
+        quantsink.quantize(odd, "int4-sink", calib=torch.zeros(1, 8, dtype=torch.long), progress=False)
     model = _tiny(tied=False)
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
     with pytest.raises(QuantsinkError, match="bias-free nn.Linear"):

@@ -95,14 +95,8 @@ class SinkQuantCache(Cache):
         return self
 
     def _check_shapes(self, model: Any) -> None:
-        """Recipe values that depend on the model: head_dim, context length."""
-        cfg, name, dim = self.config, type(model).__name__, arch.head_dim(model)
-        group = min(cfg.value_group_size, dim)  # a value group never spans two heads
-        check(dim % group == 0,
-              f"kv_cache.value_group_size={cfg.value_group_size} does not divide {name}'s head_dim {dim}; "
-              f"allowed: a divisor of {dim}, or >= {dim} for one group per head")
-        check(not cfg.rotate or dim & (dim - 1) == 0,
-              f"kv_cache.rotate needs a power-of-two head_dim, {name} has {dim}; allowed: rotate: false")
+        """Recipe values that depend on the model: the context length (head_dim: see KVConfig.notes)."""
+        name = type(model).__name__
         context = arch.context_length(model)
         check(context is None or max(self.tokens.positional, default=0) < context,
               f"sink positions up to {max(self.tokens.positional, default=0)} do not fit {name}'s context of "

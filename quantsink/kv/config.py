@@ -17,7 +17,8 @@ class KVConfig:
 
     Keys are quantized per channel in groups of ``key_group_size`` tokens, values per
     token in groups of ``value_group_size`` channels (a group never spans two heads: a size of
-    head_dim or more is one group per head). ``num_sinks`` leading positions
+    head_dim or more is one group per head, and one that does not divide head_dim becomes its
+    largest divisor below it, e.g. 48 for 64 at Phi-3's head_dim 96: :meth:`value_group_for`). ``num_sinks`` leading positions
     (or the calibrated sink map) and the last ``window`` tokens stay in fp16/bf16. With
     ``content_sinks``, the first ``content_sink_occurrences`` occurrences per sequence of
     every content-sink token id of the calibrated sink map stay in fp16 too.
@@ -70,3 +71,22 @@ class KVConfig:
             check(self.max_cache_tokens >= need,
                   f"kv_cache.max_cache_tokens={self.max_cache_tokens} cannot hold num_sinks + window + "
                   f"one key group = {need}; allowed: >= {need}")
+
+    def value_group_for(self, head_dim: int) -> int:
+        """The value group used at ``head_dim``: the largest divisor of it up to ``value_group_size``."""
+        group = min(self.value_group_size, head_dim)
+        while head_dim % group:
+            group -= 1
+        return group
+
+    def notes(self, head_dim: int) -> list[str]:
+        """One line per setting that takes another form at ``head_dim`` (for the report)."""
+        out = []
+        if self.value_group_for(head_dim) not in (self.value_group_size, head_dim):
+            out.append(f"value_group_size {self.value_group_size} -> {self.value_group_for(head_dim)} channels "
+                       f"(the largest divisor of head_dim {head_dim})")
+        block = head_dim & -head_dim
+        if self.rotate and block != head_dim:
+            out.append(f"rotate: block-diagonal Hadamard, {head_dim // block} blocks of {block} (head_dim {head_dim} "
+                       "is not a power of two)")
+        return out

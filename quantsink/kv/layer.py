@@ -178,7 +178,7 @@ class SinkQuantLayer(CacheLayerMixin):
         n = R + sizes.cumsum(0) - w0  # 1-based index of the token that completes each group
         k, v = self.win_k[:, :, :total], self.win_v[:, :, :total]
         bk = quantize_keys(k.float(), cfg.key_bits, G, clip=cfg.clip, offset=off, outliers=cfg.key_outliers)
-        bv = quantize_values(v.float(), cfg.value_bits, cfg.value_group_size, clip=cfg.clip,
+        bv = quantize_values(v.float(), cfg.value_bits, cfg.value_group_for(v.shape[-1]), clip=cfg.clip,
                              symmetric=cfg.value_symmetric)
         self.body_k, self.body_v = cat_blocks(self.body_k, bk), cat_blocks(self.body_v, bv)
         self.win_k, self.win_v = self.win_k[:, :, total:], self.win_v[:, :, total:]

@@ -25,7 +25,7 @@ from quantsink.weights.backend import use_backend
 from quantsink.weights.coverage import check_ignore, check_outlier_channels, check_quantizable, float_report
 from quantsink.weights.experts_quant import make_experts_quantizer
 from quantsink.weights.layer import make_group_quantizer, static_groups
-from quantsink.weights.runtime import prepare_model, quantize_embeddings
+from quantsink.weights.runtime import check_embeddings, prepare_model, quantize_embeddings
 from quantsink.weights.sequential import quantize_layers
 
 QUANT_VERSION = 1
@@ -56,6 +56,7 @@ def check_model_layout(model: Any, recipe: Recipe) -> list:
     if recipe.weights is not None:
         check_ignore(model, recipe.weights.ignore)
         check_outlier_channels(model, plans, recipe.weights.outlier_channels, recipe.weights.ignore)
+        check_embeddings(model, recipe.weights.embedding_bits, recipe.weights.lm_head_bits)
     return plans
 
 

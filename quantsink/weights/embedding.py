@@ -74,26 +74,33 @@ class Int8Embedding(_Rows):
     """``nn.Embedding`` replacement with int8 rows; outputs ``dtype`` (the model's, fp32 by default)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 embed_scale: float = 1.0) -> None:
         super().__init__(num_embeddings, embedding_dim, device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx, self.dtype = padding_idx, dtype
+        self.embed_scale = embed_scale  # the model's constant factor (Gemma: sqrt(hidden)); not saved
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding) -> "Int8Embedding":
-        """Quantize an ``nn.Embedding`` (its device and dtype are kept)."""
+    def from_float(cls, emb: nn.Embedding, embed_scale: float = 1.0) -> "Int8Embedding":
+        """Quantize an ``nn.Embedding`` (its device and dtype are kept) that scales its rows by
+        ``embed_scale``."""
         w = emb.weight
-        new = cls(w.shape[0], w.shape[1], emb.padding_idx, w.dtype, w.device)
+        new = cls(w.shape[0], w.shape[1], emb.padding_idx, w.dtype, w.device, embed_scale)
         new.load_rows(w)
         return new
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [...] -> [..., H]
         rows = F.embedding(ids, self.weight_int8).float()
-        return (rows * self.weight_scale[ids].float()[..., None]).to(self.dtype)
+        out = (rows * self.weight_scale[ids].float()[..., None]).to(self.dtype)
+        if self.embed_scale != 1.0:  # as the scaled embedding does: in the model's dtype
+            out = out * torch.tensor(self.embed_scale, dtype=self.dtype, device=out.device)
+        return out
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits=8, dtype={self.dtype}"
+        scale = f", embed_scale={self.embed_scale:g}" if self.embed_scale != 1.0 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits=8, dtype={self.dtype}{scale}"
 
 
 class Int8LMHead(_Rows):

@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from typing import Any
 
+import torch
 from torch import nn
 
 from quantsink.errors import check
@@ -51,19 +52,45 @@ def _untie(model: nn.Module, *prefixes: str) -> None:
             keys.pop(target)
 
 
+def embed_scale(emb: nn.Module) -> float | None:
+    """The constant an embedding multiplies its rows by (1.0 for ``nn.Embedding``; Gemma 2 / 3's
+    scaled word embeddings: ``sqrt(hidden)``), or None when int8 rows cannot replace it. A scaled
+    subclass is checked on a few rows: its output must be the row times the scale, exactly."""
+    if not isinstance(emb, nn.Embedding) or emb.max_norm is not None:
+        return None
+    if type(emb) is nn.Embedding:
+        return 1.0
+    scale = getattr(emb, "scalar_embed_scale", None)
+    if not isinstance(scale, (int, float)):
+        return None
+    w = emb.weight
+    if w.device.type != "meta":
+        ids = torch.arange(min(8, w.shape[0]), device=w.device)
+        with torch.no_grad():
+            if not torch.equal(emb(ids), w[ids] * torch.tensor(float(scale), dtype=w.dtype, device=w.device)):
+                return None
+    return float(scale)
+
+
 def _plan(model: nn.Module, emb_bits: int | None, head_bits: int | None) -> tuple:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = _is_tied(model, emb, head)
     check(not tied or emb_bits == head_bits,
           f"weights.embedding_bits={emb_bits} and weights.lm_head_bits={head_bits} differ, but this "
           "model ties embed_tokens and lm_head (one tensor); allowed: equal values")
-    check(emb_bits is None or (type(emb) is nn.Embedding and emb.max_norm is None),
-          f"weights.embedding_bits needs a plain nn.Embedding (no max_norm), got "
-          f"{type(emb).__name__}; allowed: embedding_bits: null for this model")
+    check(emb_bits is None or embed_scale(emb) is not None,
+          f"weights.embedding_bits needs an nn.Embedding without max_norm (plain, or scaled by a constant "
+          f"as Gemma's), got {type(emb).__name__}; allowed: embedding_bits: null for this model")
     check(head_bits is None or (type(head) is nn.Linear and head.bias is None),
           f"weights.lm_head_bits needs a bias-free nn.Linear lm_head, got {type(head).__name__}; "
           "allowed: lm_head_bits: null for this model")
     return emb, head, tied
+
+
+def check_embeddings(model: nn.Module, embedding_bits: int | None, lm_head_bits: int | None) -> None:
+    """One line, before any work, when the embedding / lm_head cannot take the recipe's int8 rows."""
+    if embedding_bits is not None or lm_head_bits is not None:
+        _plan(model, embedding_bits, lm_head_bits)
 
 
 def _install(model: nn.Module, emb: Any, head: Any, new_emb: Any, new_head: Any) -> None:
@@ -84,7 +111,7 @@ def quantize_embeddings(model: nn.Module, embedding_bits: int | None,
         return []
     emb, head, tied = _plan(model, embedding_bits, lm_head_bits)
     emb_name, head_name = _name(model, emb), head is not None and _name(model, head)
-    new_emb = Int8Embedding.from_float(emb) if embedding_bits else None
+    new_emb = Int8Embedding.from_float(emb, embed_scale(emb)) if embedding_bits else None
     new_head = Int8LMHead.from_float(head, new_emb if tied else None) if lm_head_bits else None
     _install(model, emb, head, new_emb, new_head)
     rows = []
@@ -107,7 +134,7 @@ def make_shells(model: nn.Module, weights: dict | None) -> None:
     new_emb = None
     if emb_bits:
         w = emb.weight
-        new_emb = Int8Embedding(w.shape[0], w.shape[1], emb.padding_idx, w.dtype, w.device)
+        new_emb = Int8Embedding(w.shape[0], w.shape[1], emb.padding_idx, w.dtype, w.device, embed_scale(emb))
     new_head = None
     if head_bits:
         new_head = Int8LMHead(head.in_features, head.out_features, new_emb if tied else None,

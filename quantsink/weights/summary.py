@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from quantsink.config import to_dict
+from quantsink.hf.arch import head_dim
 
 
 def _fmt_bytes(n: float) -> str:
@@ -23,6 +24,7 @@ def build_report(model: Any, recipe: Any, ppl_before: float | None = None,
     return {
         "recipe": recipe.name, "weights": None if recipe.weights is None else to_dict(recipe.weights),
         "kv_cache": None if recipe.kv_cache is None else to_dict(recipe.kv_cache),
+        "kv_cache_notes": [] if recipe.kv_cache is None else recipe.kv_cache.notes(head_dim(model)),
         "quantized_linear_layers": sum(1 for m in mods if m.get("kind") != "experts"),
         "quantized_experts_modules": len({m["module"] for m in mods if m.get("kind") == "experts"}),
         "experts": experts_rows(mods),
@@ -90,6 +92,7 @@ def format_summary(report: dict, out: Path, seconds: float) -> str:
             ("massive-activation channels", report["massive_channels"] or "-"),
             ("sink positions", report["sink_positions"] if report["sink_positions"] is not None
              else "- (no calibration)"),
+            *(("KV cache at this head_dim", note) for note in report.get("kv_cache_notes", [])),
             ("checkpoint on disk", _fmt_bytes(dir_bytes(out))),
             ("wall time", f"{seconds:.1f} s")]
     if report["ppl_before"] is not None:
