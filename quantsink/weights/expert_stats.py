@@ -83,16 +83,17 @@ class ExpertsObserver:
     def group(self, proj: str, e: int, fallback: bool) -> InputGroup:
         """Statistics of expert ``e``'s ``proj`` input: its routed tokens, or (``fallback``) all
         calibration tokens sent through the expert (absmax only, for RTN)."""
-        n_in = expert_matrices(self.module, self.layout, proj).shape[2]
+        mats = expert_matrices(self.module, self.layout, proj)
         if fallback:
-            return InputGroup([f"{self.name}.{proj}[{e}]"], self._all_tokens_absmax(proj, e, n_in))
+            return InputGroup([f"{self.name}.{proj}[{e}]"], self._all_tokens_absmax(proj, e, mats.shape[2],
+                                                                                     mats.device))
         tokens = int(self.tokens[e])
         h = self.xtx[(proj, e)] / tokens if self.hessian else None
         return InputGroup([f"{self.name}.{proj}[{e}]"], self.absmax[(proj, e)], h, tokens)
 
-    def _all_tokens_absmax(self, proj: str, e: int, n_in: int) -> torch.Tensor:
-        x = torch.cat(self.inputs) if self.inputs else torch.zeros(0, n_in)  # [T, H]
+    def _all_tokens_absmax(self, proj: str, e: int, n_in: int, device: torch.device) -> torch.Tensor:
+        x = torch.cat(self.inputs) if self.inputs else torch.zeros(0, n_in, device=device)  # [T, H]
         first = self.layout.projections[0]
         if proj != first:
             x = module_gate(self.module, self.family, self.layout)(self._dense(first, e, x))
-        return x.float().abs().amax(0) if x.shape[0] else torch.zeros(n_in)
+        return x.float().abs().amax(0) if x.shape[0] else torch.zeros(n_in, device=device)

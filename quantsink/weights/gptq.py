@@ -7,7 +7,8 @@ column's rounding error is spread over the not-yet-processed columns through the
 Cholesky factor of ``H^-1``. The floating-point tail receives those updates too, so the
 outlier channels absorb part of the error at no cost. Groups are contiguous in storage
 order; with ``act_order`` columns are visited by decreasing ``diag(H)`` and the group grids
-are fixed up front ("static groups"). Everything is deterministic (no random numbers).
+are fixed up front ("static groups"). Everything is deterministic (no random numbers), and every tensor lives on the weight's device
+(only the column order, read one column at a time, stays on the CPU).
 """
 from __future__ import annotations
 
@@ -56,18 +57,18 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_quant: int, bits: int, gro
     out, n = w.shape
     diag_h = torch.diagonal(h).float()
     grid_kw = dict(clip_search=clip_search, clip_grid=clip_grid, min_clip=min_clip)
-    order = torch.arange(n)
+    order = torch.arange(n)  # on the CPU: read column by column (no device sync per column)
     n_g = n_groups(n_quant, group_size)
-    scale, zero = torch.zeros(out, n_g), torch.zeros(out, n_g)
+    scale, zero = torch.zeros(out, n_g, device=w.device), torch.zeros(out, n_g, device=w.device)
     if act_order:  # static groups: grids from the original weights, before any update
-        order[:n_quant] = torch.argsort(diag_h[:n_quant], descending=True, stable=True)
+        order[:n_quant] = torch.argsort(diag_h[:n_quant], descending=True, stable=True).cpu()
         scale, zero = group_params(w[:, :n_quant], bits, group_size, symmetric,
                                    col_weight=diag_h[:n_quant], **grid_kw)
     w, diag_h = w[:, order], diag_h[order]
     h = h[order[:, None], order] if act_order else h  # storage order: no [n, n] copy
     u = _inverse_hessian(h, w, damp, max(n_quant, 1))  # [n, n] upper
     wt = w.T.contiguous()  # [n, out]: one input column per row, contiguous
-    codes_t = torch.zeros(n_quant, out, dtype=torch.uint8)  # storage order
+    codes_t = torch.zeros(n_quant, out, dtype=torch.uint8, device=w.device)  # storage order
     state = _State(wt, u, diag_h, order, codes_t, scale, zero)
     for i1 in range(0, n_quant, BLOCK):
         i2 = min(i1 + BLOCK, n_quant)

@@ -60,7 +60,7 @@ def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     scale, zero = _grid(lo, hi, bits, symmetric)
     if not clip_search or clip_grid <= 1:
         return scale, zero
-    cw = torch.ones(w.shape[1]) if col_weight is None else col_weight.float()
+    cw = torch.ones(w.shape[1], device=w.device) if col_weight is None else col_weight.float()
     cw = _grouped(cw[None].to(g.device), group_size)  # [1, G, gs]
     if w.shape[1] % group_size:  # padded tail columns must not count
         cw = cw.clone()

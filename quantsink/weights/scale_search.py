@@ -120,7 +120,7 @@ def search_scale(w: torch.Tensor, group: InputGroup, quantize: GroupQuantizer, g
     check(group.hessian is not None and group.mean_abs is not None,
           f"scale search of {group.names} needs the group's input statistics; pass calibration windows")
     keep = fixed_mask(w.shape[1], fixed, repeat, block)
-    ones = torch.ones(w.shape[1])
+    ones = torch.ones(w.shape[1], device=w.device)
     unscaled = output_error(w, quantize(w, group), group.hessian)
     best = Choice(0.0, ones, unscaled, unscaled, "none")
     for name, alpha, x, wm in candidates(w, group, grid, stats):
