@@ -165,15 +165,16 @@ def sink_decode_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.T
 
     Returns ``[B, Hq, Lq, D]`` in ``q.dtype``.
 
-    - q: fp16 or bf16 (GPU), fp32 (exact dots); head_dim 64, 128 or 256; any GQA ratio.
+    - q: fp16 or bf16 (GPU), fp32 (exact dots); any GQA ratio.
     - Body: keys/values of 2, 4 or 8 bits (independently), any group sizes the packer allows.
     - Any length in every region (empty sinks, body or window, sinks only); ``key_mask``
       ``[B, S]`` for per-sequence lengths; ``q_sink`` for the sink region.
     - ``Lq > 1``: causal in the kernel (query ``i`` sees keys ``<= S - Lq + i``).
     - ``sink_logits [Hq]`` (learned sinks), ``sliding_window`` (over body and window keys) and
       ``softcap`` as in the reference.
-    - Falls back to the torch reference (same result) when the key group size is not a
-      multiple of 16 or a head has more than 16 value groups.
+    - Falls back to the torch reference (same result) when head_dim is not 64, 128 or 256,
+      the key group size is not a multiple of 16 or a head has more than 16 value groups
+      (``quantsink.kv.attention.decode_path`` names the reason).
     - CPU tensors need ``TRITON_INTERPRET=1`` set before triton is imported (no bf16 there).
 
     Raises :class:`~quantsink.errors.QuantsinkError` on inputs that break the contract.

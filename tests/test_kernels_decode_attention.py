@@ -151,16 +151,44 @@ def test_unsupported_key_group_falls_back_to_reference():
     assert torch.equal(run_kernel(args), decode_attention_ref(*args))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(D=96, gk=32, gv=32), "head_dim 96"),
-    (dict(key_mask=True), "key_mask must be"),
-])
-def test_bad_inputs_raise(bad, match):
-    args = list(make_case(**bad))
-    if match == "key_mask must be":
-        args[8] = args[8][:, :-1]
-    with pytest.raises(QuantsinkError, match=match):
+def test_bad_key_mask_raises():
+    args = list(make_case(key_mask=True))
+    args[8] = args[8][:, :-1]
+    with pytest.raises(QuantsinkError, match="key_mask must be"):
         run_kernel(args)
+
+
+@pytest.mark.parametrize("D", [16, 80, 96, 112])
+def test_head_dims_outside_the_kernel_take_the_reference(D):
+    """Phi-3's 96 (and 80, 112, the tiny models' 16): the reference runs, and the path says why."""
+    args = make_case(D=D, gk=16, gv=16, T=64, W=9, key_mask=True)
+    assert torch.equal(run_kernel(args), decode_attention_ref(*args))
+    assert torch.equal(decode_attention(*args, backend="triton"), decode_attention_ref(*args))
+    path = attention.decode_path(args[0], args[3], args[4], backend="triton")
+    assert path == f"torch (triton: head_dim {D} is not one of the kernel's (64, 128, 256))"
+    q, *_, body_k, body_v = make_case(T=64, W=5)[:5]
+    assert attention.decode_path(q, body_k, body_v, backend="triton") == "triton"
+
+
+@pytest.mark.parametrize("head_dim, want", [(96, "torch (triton: head_dim 96 is not one of"), (64, "triton")])
+def test_cache_layers_name_their_decode_path(monkeypatch, head_dim, want):
+    """Through the model: each layer's ``kernel`` is the path its last decode step took."""
+    import tiny_models as tm
+
+    from quantsink.kv.cache import SinkQuantCache
+    from quantsink.kv.config import KVConfig
+
+    monkeypatch.setenv("QUANTSINK_BACKEND", "triton")
+    model = tm.build("phi3", hidden_size=2 * head_dim, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=head_dim)
+    cfg = KVConfig(key_bits=4, value_bits=4, key_group_size=16, value_group_size=16, num_sinks=2, window=16)
+    cache = SinkQuantCache.from_recipe(model, cfg)
+    ids = tm.token_ids(60)
+    with torch.no_grad():
+        model(ids[:, :59], **tm.cache_kwargs(model, cache))
+        assert all(layer.kernel is None for layer in cache.layers)  # no decode step yet
+        model(ids[:, 59:], **tm.cache_kwargs(model, cache))
+    assert all(layer.body_k is not None and layer.kernel.startswith(want) for layer in cache.layers)
 
 
 def test_dispatch(monkeypatch):

@@ -91,7 +91,10 @@ def test_killed_run_resumes_to_the_same_bytes(root: Path, in_memory: dict) -> No
 @pytest.fixture()
 def stale_work(root: Path, tmp_path: Path, monkeypatch, capsys) -> Path:
     """A killed llama run's work directory (after layer 0), via the test hook in-process."""
-    out = tmp_path / "out"
+    return _killed_run(root, "llama", tmp_path / "out", monkeypatch, capsys)
+
+
+def _killed_run(root: Path, model: str, out: Path, monkeypatch, capsys) -> Path:
     monkeypatch.setenv(STOP_ENV, "0")
     killed, real_kill = [], os.kill
 
@@ -102,9 +105,10 @@ def stale_work(root: Path, tmp_path: Path, monkeypatch, capsys) -> Path:
         raise KeyboardInterrupt  # stands in for the SIGKILL: the process stops right there
 
     monkeypatch.setattr(os, "kill", kill)
-    assert _quantize(root, "llama", out, "--stream") == 130
+    assert _quantize(root, model, out, "--stream") == 130
     assert killed and not out.exists()
     assert "--resume continues" in capsys.readouterr().err
+    monkeypatch.delenv(STOP_ENV)
     return out
 
 
@@ -115,7 +119,6 @@ def stale_work(root: Path, tmp_path: Path, monkeypatch, capsys) -> Path:
 ])
 def test_resume_refuses_another_run(root: Path, stale_work: Path, change: tuple, needle: str,
                                     capsys, monkeypatch) -> None:
-    monkeypatch.delenv(STOP_ENV)
     work = stale_work.with_name("out.partial")
     before = _snapshot(work)
     capsys.readouterr()
@@ -129,6 +132,36 @@ def test_resume_refuses_another_run(root: Path, stale_work: Path, change: tuple,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "--resume" in err, err
     assert _snapshot(work) == before and not stale_work.exists()
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.0.mlp.down_proj.weight",  # finished: hashed up front
+                                    "model.layers.1.self_attn.k_proj.weight",  # hashed as it is read
+                                    "model.norm.weight"])
+def test_resume_refuses_resaved_weights(root: Path, tmp_path: Path, tensor: str, capsys, monkeypatch) -> None:
+    """Weights re-saved with the same names, dtypes and shapes: the same safetensors header (all
+    that the manifest's fingerprint sees), other bytes; the resume is refused, nothing changed."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(root / "llama", tmp_path / "llama")
+    shutil.copy(root / "calib.txt", tmp_path / "calib.txt")
+    out = _killed_run(tmp_path, "llama", tmp_path / "out", monkeypatch, capsys)
+    work = out.with_name("out.partial")
+    f = tmp_path / "llama" / "model.safetensors"
+    header = f.read_bytes()[:4096]
+    with safe_open(str(f), framework="pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(f)
+    tensors[tensor] = tensors[tensor] * 1.01
+    save_file(tensors, str(f), metadata=meta)
+    assert f.read_bytes()[:4096] == header  # the header did not change
+    before = _snapshot(work)
+    assert _quantize(tmp_path, "llama", out, "--stream", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and repr(tensor) in err and "--resume" in err, err
+    assert _snapshot(work) == before and not out.exists()
 
 
 def test_streamed_checkpoint_reloads_with_the_same_logits(root: Path, in_memory: dict) -> None:
@@ -175,8 +208,7 @@ def test_stream_refuses_sources_it_cannot_read(root: Path, tmp_path: Path, sourc
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
-def test_force_starts_over(root: Path, stale_work: Path, in_memory: dict, monkeypatch) -> None:
-    monkeypatch.delenv(STOP_ENV)
+def test_force_starts_over(root: Path, stale_work: Path, in_memory: dict) -> None:
     work = stale_work.with_name("out.partial")
     (work / "layer-00000.safetensors").write_bytes(b"stale")  # would break a resume, not a new run
     assert _quantize(root, "llama", stale_work, "--stream", "--force") == 0

@@ -27,8 +27,9 @@ from quantsink.io import check_safetensors, read_json
 class CheckpointReader:
     """Tensor name -> safetensors file of a Hugging Face directory; reads tensors on demand."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path,
+                 on_read: Callable[[str, torch.Tensor], None] | None = None) -> None:
+        self.path, self.on_read = Path(path), on_read  # on_read(name, tensor): after each read
         files = sorted(self.path.glob("*.safetensors"))
         check(bool(files), f"--stream reads safetensors weights; {str(self.path)!r} has none; allowed: "
                            "a Hugging Face directory with *.safetensors")
@@ -44,7 +45,7 @@ class CheckpointReader:
         return name in self.where
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors (copies; the files are closed again)."""
+        """The named tensors (copies; the files are closed again), each passed to ``on_read``."""
         from safetensors import safe_open
 
         missing = [n for n in names if n not in self.where][:1]
@@ -55,7 +56,13 @@ class CheckpointReader:
         for n in names:  # one mapping per tensor: its pages are dropped as soon as it is copied
             with safe_open(str(self.where[n]), framework="pt") as handle:
                 out[n] = handle.get_tensor(n).clone()
+            if self.on_read is not None:
+                self.on_read(n, out[n])
         return out
+
+    def names(self, prefix: str = "") -> list[str]:
+        """The checkpoint's tensor names that start with ``prefix``."""
+        return sorted(n for n in self.where if n.startswith(prefix))
 
 
 def build_skeleton(path: str | Path) -> nn.Module:

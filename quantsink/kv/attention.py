@@ -117,16 +117,39 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-def decode_attention(*args, backend: str = "auto", **kwargs) -> torch.Tensor:
-    """Dispatch to the Triton kernel, the C++ CPU kernel or :func:`decode_attention_ref`
-    (same signature and result)."""
-    q = args[0] if args else kwargs["q"]
+def decode_path(q: torch.Tensor, body_k: PackedBlock | None, body_v: PackedBlock | None,
+                backend: str = "auto") -> str:
+    """The path a decode call takes: ``triton``, ``cpu``, ``torch``, or ``torch (<reason>)`` when
+    the chosen kernel does not cover these inputs and the reference (the same result) runs."""
     chosen = resolve_backend(backend, q.device)
     if chosen == "triton":
+        from quantsink.kernels._decode_launch import unsupported
+
+        why = unsupported(body_k if body_k is not None and body_k.num_tokens else None, body_v, q.shape[-1])
+        return "triton" if why is None else f"torch (triton: {why})"
+    if chosen == "cpu":
+        if q.dtype == torch.float64:
+            return "torch (cpu kernel: float64 queries)"
+        return "cpu" if q.shape[2] == 1 else "torch (cpu kernel: more than one query)"
+    return "torch"
+
+
+def decode_attention(*args, backend: str = "auto", **kwargs) -> torch.Tensor:
+    """Dispatch to the Triton kernel, the C++ CPU kernel or :func:`decode_attention_ref`
+    (same signature and result); :func:`decode_path` tells which."""
+    q = args[0] if args else kwargs["q"]
+    body_k = args[3] if len(args) > 3 else kwargs.get("body_k")
+    body_v = args[4] if len(args) > 4 else kwargs.get("body_v")
+    return decode_with(decode_path(q, body_k, body_v, backend), *args, **kwargs)
+
+
+def decode_with(path: str, *args, **kwargs) -> torch.Tensor:
+    """Run decode attention on ``path`` (a :func:`decode_path` answer)."""
+    if path == "triton":
         from quantsink.kernels.decode_attention import sink_decode_attention
 
         return sink_decode_attention(*args, **kwargs)
-    if chosen == "cpu" and q.shape[2] == 1 and q.dtype != torch.float64:  # fp32 arithmetic kernel
+    if path == "cpu":
         from quantsink.kernels.cpu_decode import sink_decode_cpu
 
         return sink_decode_cpu(*args, **kwargs)

@@ -12,8 +12,9 @@ Each layer follows the model's own attention (:mod:`quantsink.hf.arch`): sliding
 layers attend to their window only, learned sink logits (GPT-OSS) join the softmax
 denominator, attention-logit softcapping (Gemma 2) is applied.
 
-Decode steps go through :func:`quantsink.kv.attention.decode_attention` (torch reference
-on CPU, Triton on CUDA); chunks of several tokens (prefill, teacher-forced evaluation,
+Decode steps go through :func:`quantsink.kv.attention.decode_path` (Triton on CUDA, the C++
+kernel on the CPU, else the torch reference; each layer's ``kernel`` names the path of its
+last step, with the reason when the reference ran instead of a kernel); chunks of several tokens (prefill, teacher-forced evaluation,
 chunked streaming) through :func:`quantsink.kv.prefill.chunk_attention_ref`, which
 reproduces token-by-token decoding exactly. No fp16 copy of the body is kept.
 
@@ -37,7 +38,7 @@ from quantsink.errors import QuantsinkError, check
 from quantsink.hf import arch, forward
 from quantsink.hf import attention as hf_attention
 from quantsink.hf.cache_api import Cache
-from quantsink.kv.attention import BACKENDS, decode_attention
+from quantsink.kv.attention import BACKENDS, decode_path, decode_with
 from quantsink.kv.config import KVConfig
 from quantsink.kv.layer import SinkQuantLayer
 from quantsink.kv.prefill import chunk_attention_ref
@@ -199,9 +200,10 @@ class SinkQuantCache(Cache):
         if q.shape[2] == 1:
             layer.finish(next_query=layer.seen - 1)  # a decode step sees its own flushes and evictions
             body = layer.body_k if layer.body_k is not None and layer.body_k.num_tokens else None
-            out = decode_attention(q, layer.sink_k, layer.sink_v, body, layer.body_v if body is not None else None,
-                                   layer.win_k, layer.win_v, extras.scaling, q_sink=q_sink, sliding_window=layer.sliding_window, backend=self.backend,
-                                   **opts)
+            body_v = layer.body_v if body is not None else None
+            layer.kernel = decode_path(q, body, body_v, self.backend)  # what ran, with the reason
+            out = decode_with(layer.kernel, q, layer.sink_k, layer.sink_v, body, body_v, layer.win_k, layer.win_v,
+                              extras.scaling, q_sink=q_sink, sliding_window=layer.sliding_window, **opts)
         else:
             out = chunk_attention_ref(layer, q, extras.scaling, q_sink=q_sink, **opts)
             layer.finish()

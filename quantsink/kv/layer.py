@@ -70,6 +70,7 @@ class SinkQuantLayer(CacheLayerMixin):
         self.sink_k = self.sink_v = self.win_k = self.win_v = None
         self.body_k: PackedBlock | None = None
         self.body_v: PackedBlock | None = None
+        self.kernel: str | None = None  # decode attention path of the last step (decode_path)
         self.step: Step | None = None
 
     def set_sinks(self, positions: list[int]) -> None:

@@ -39,6 +39,12 @@ class RowsLayer(CacheLayerMixin):
         self.consumed = True
         self.step: list[torch.Tensor] | None = None  # per row: indices of its real tokens in the last chunk
 
+    @property
+    def kernel(self) -> str | None:
+        """The decode attention paths of the rows' last steps, joined when they differ."""
+        paths = sorted({r.kernel for r in self.rows if r.kernel is not None})
+        return " | ".join(paths) if paths else None
+
     @classmethod
     def split(cls, layer: SinkQuantLayer, batch: int) -> "RowsLayer":
         """The rows of ``layer`` (a shared layout, the same per row) as separate layers."""

@@ -7,6 +7,11 @@ cleanup of :mod:`quantsink._fs` never takes it) holds
   size and header hash), the recipe and format, the calibration windows (hash) or artifact,
   the device, the quantsink version. ``--resume`` refuses a directory whose manifest differs,
   with one line, before anything is written;
+- ``weights-sha256.json``: the sha256 of every source tensor the run has read, computed from
+  the bytes as they are read (:class:`WeightCheck`; no second pass). On ``--resume`` the
+  finished layers' source tensors (which the resumed run does not otherwise read) are hashed
+  up front and every other tensor as it is read; one that differs (weights re-saved with the
+  same shapes, which the header hash cannot see) is refused with one line;
 - ``calibration/``: the calibration result (:meth:`CalibrationResult.save`, safetensors + JSON);
 - ``layer-00000.safetensors``, ...: each finished decoder layer's tensors exactly as they were
   in memory (float32 norms, packed codes, ...), its report rows in the file's metadata. Each
@@ -30,8 +35,9 @@ import torch
 
 from quantsink.errors import QuantsinkError, check
 
-WORK_VERSION = 1
+WORK_VERSION = 2  # 2: weights-sha256.json
 MANIFEST = "manifest.json"
+DIGESTS = "weights-sha256.json"
 STOP_ENV = "QUANTSINK_TEST_STOP_AFTER_LAYER"
 
 
@@ -47,7 +53,8 @@ def tensor_digest(t: torch.Tensor | None) -> str | None:
         return None
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own buffer, no copy
     return h.hexdigest()
 
 
@@ -175,6 +182,14 @@ class WorkDir:
         with safe_open(str(self.layer_file(i)), framework="pt") as f:
             return {n: (f.get_slice(n).get_dtype(), f.get_slice(n).get_shape()) for n in f.keys()}
 
+    def digests(self) -> dict[str, str]:
+        """``{source tensor name: sha256}`` recorded so far ({} when none)."""
+        f = self.path / DIGESTS
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+    def save_digests(self, digests: dict[str, str]) -> None:
+        self._write(self.path / DIGESTS, json.dumps(digests, indent=0, sort_keys=True).encode())
+
     def calibration_dir(self) -> Path:
         return self.path / "calibration"
 
@@ -195,3 +210,38 @@ def manifest_for(model_fp: dict, recipe: Any, fmt: str, windows: torch.Tensor | 
            "artifact": dir_digest(calibration) if isinstance(calibration, (str, Path)) else None}
     return {"version": WORK_VERSION, "quantsink": __version__, "model": model_fp,
             "recipe": recipe_hash, "calibration": cal, "device": device, "num_layers": num_layers}
+
+
+class WeightCheck:
+    """The ``on_read`` hook of a streamed run's checkpoint reader: hashes each source tensor as
+    it is read, records new digests in the work directory (:meth:`flush`) and refuses, with
+    one line, a tensor whose bytes differ from what an earlier run of this work directory read."""
+
+    def __init__(self, work: WorkDir, source: Path) -> None:
+        self.work, self.source = work, source
+        self.known = work.digests() if work.resume else {}
+        self.pending: dict[str, str] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        digest = tensor_digest(tensor)
+        old = self.known.get(name)
+        check(old is None or old == digest,
+              f"--resume: tensor {name!r} of {str(self.source)!r} is not the one the interrupted run "
+              "read (the weights were re-saved or changed); allowed: the same weights, or remove "
+              f"{str(self.work.path)!r} (or --force) to start over")
+        if old is None:
+            self.pending[name] = digest
+
+    def flush(self) -> None:
+        """Make the new digests durable (before the layer file that depends on them)."""
+        if self.pending:
+            self.known.update(self.pending)
+            self.pending = {}
+            self.work.save_digests(self.known)
+
+    def verify(self, reader: Any, prefixes: list[str]) -> None:
+        """Hash (and so check) the tensors under ``prefixes`` now, one prefix at a time: the
+        finished layers of a resumed run, which it does not read otherwise."""
+        for prefix in prefixes:
+            reader.read(reader.names(prefix))
+        self.flush()

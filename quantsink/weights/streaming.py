@@ -32,7 +32,7 @@ from torch import nn
 from quantsink.errors import check
 from quantsink.hf import lazy
 from quantsink.hf.arch import decoder_layers
-from quantsink.weights.resume import WorkDir, manifest_for, work_dir_for
+from quantsink.weights.resume import WeightCheck, WorkDir, manifest_for, work_dir_for
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -81,6 +81,7 @@ class LayerStore:
         return None
 
     def end(self, i: int, layer: nn.Module, reports: list[dict]) -> None:
+        _flush_digests(self.reader)  # the digests of what layer i was made from, before its file
         tensors = {f"{self.prefix}.{i}.{n}": t.detach().cpu().contiguous()
                    for n, t in layer.state_dict().items()}
         self.work.save_layer(i, tensors, reports)
@@ -92,6 +93,11 @@ class LayerStore:
             lazy.release(self.last)
             self.last = None
             release_freed_memory()
+
+
+def _flush_digests(reader: lazy.CheckpointReader) -> None:
+    if isinstance(reader.on_read, WeightCheck):
+        reader.on_read.flush()
 
 
 def _install_shells(layer: nn.Module, prefix: str, reports: list[dict], wcfg: Any) -> None:
@@ -133,6 +139,7 @@ def _calibrate(model: nn.Module, tok: Any, windows: torch.Tensor | None, calibra
 
     with lazy.streamed_forward(model, reader, device, release_freed_memory, extra):
         cal = _calibration(model, tok, windows, None, progress)
+    _flush_digests(reader)
     cal.save(saved)
     return cal
 
@@ -240,6 +247,9 @@ def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, cali
                             str(dev), n_layers)
     work = WorkDir.open(work_dir_for(out), manifest, resume, force)  # nothing written before this
     work.create()
+    reader.on_read = weights = WeightCheck(work, path)
+    prefix = decoder_layers(model)[0]
+    weights.verify(reader, [f"{prefix}.{i}." for i in range(work.finished(n_layers))])
     fixed_mmap_threshold()  # freed layers go back to the OS, whatever their size
     with torch.no_grad():
         _quantize_streamed(model, recipe, windows, calibration, tok, reader, work, progress, dev)
