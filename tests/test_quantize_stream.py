@@ -241,3 +241,26 @@ def test_resume_without_a_work_directory_starts_fresh(root: Path, in_memory: dic
     out = tmp_path / "fresh"
     assert _quantize(root, "llama", out, "--stream", "--resume") == 0
     _same_dirs(in_memory["llama"], out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--device cuda path: needs a CUDA GPU")
+def test_streamed_gptq_on_cuda_matches_the_cpu_run(root: Path, in_memory: dict) -> None:
+    """GPTQ, RTN and the calibration of each streamed layer on the GPU: the codes agree with the
+    CPU run's up to rounding-boundary flips, and the checkpoint gives the same logits."""
+    import quantsink
+    from safetensors.torch import load_file
+
+    out = root / "llama-cuda"
+    assert _quantize(root, "llama", out, "--stream", "--device", "cuda") == 0
+    gpu, cpu = load_file(out / "model.safetensors"), load_file(in_memory["llama"] / "model.safetensors")
+    assert gpu.keys() == cpu.keys()
+    packed = [n for n in cpu if n.endswith("weight_packed")]
+    same = sum((gpu[n] == cpu[n]).float().mean().item() for n in packed) / len(packed)
+    assert packed and same > 0.98, same
+    ids = tiny_models.token_ids(32)
+    logits = []
+    for path in (out, in_memory["llama"]):
+        model, _ = quantsink.load(path)
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    assert (logits[0] - logits[1]).abs().max().item() < 0.05
