@@ -7,7 +7,7 @@ import torch
 import triton.language as tl
 
 from quantsink.errors import QuantsinkError, check
-from quantsink.kv.attention import decode_attention_ref
+from quantsink.kv.attention_ref import decode_attention_ref
 from quantsink.kv.primitives import PackedBlock
 
 HEAD_DIMS = (64, 128, 256)

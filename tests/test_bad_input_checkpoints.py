@@ -266,7 +266,7 @@ def _gptq_not_pd():
     """A Linear group whose Hessian cannot be factorised (indefinite) hits GPTQ."""
     from quantsink.config import load_recipe
     from quantsink.weights.layer import make_group_quantizer
-    from quantsink.weights.sequential import InputGroup
+    from quantsink.weights.groups import InputGroup
 
     layer = torch.nn.Sequential(torch.nn.Linear(64, 8))
     h = torch.ones(64, 64) * 2 - torch.eye(64)  # diagonal 1, off-diagonal 2: indefinite

@@ -16,7 +16,7 @@ from device_check import DeviceCheck, back, on_other_device
 from quantsink.weights.config import WeightConfig
 from quantsink.weights.layer import quantize_matrix, rtn_dequantized
 from quantsink.weights.scale_search import search_scale
-from quantsink.weights.sequential import InputGroup
+from quantsink.weights.groups import InputGroup
 
 
 def _problem(seed: int = 0, out: int = 24, n: int = 80):

@@ -17,7 +17,8 @@ from quantsink.weights.export import export
 from quantsink.weights.layer import make_search_quantizer
 from quantsink.weights.scale_search import candidates, channel_scales, fixed_mask, make_layer_scaler, search_scale
 from quantsink.weights.config import WeightConfig
-from quantsink.weights.sequential import InputGroup, quantize_layers
+from quantsink.weights.groups import InputGroup
+from quantsink.weights.sequential import quantize_layers
 
 CT = "compressed-tensors"
 

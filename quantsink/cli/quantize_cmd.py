@@ -89,7 +89,7 @@ def _check_args(args: argparse.Namespace):  # noqa: ANN202
     from quantsink.weights.api import needs_calibration
     from quantsink.weights.checkpoint import check_not_quantized_dir
     from quantsink.weights.compressed_tensors import recipe_for_format
-    from quantsink.weights.export import check_out_dir
+    from quantsink.weights.shards import check_out_dir
 
     check_out_dir(args.out, args.force)  # before any heavy work
     _check_stream_args(args)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 
 def known_quant_methods() -> list[str]:
-    """The ``quant_method`` values with a registered transformers quantizer."""
-    import quantsink.weights.hf_quantizer  # noqa: F401  (registers "quantsink")
+    """The ``quant_method`` values with a registered transformers quantizer, and ``quantsink``
+    (registered when transformers is imported: :mod:`quantsink._register`)."""
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-    return sorted(set(AUTO_QUANTIZER_MAPPING) & set(AUTO_QUANTIZATION_CONFIG_MAPPING))
+    return sorted(set(AUTO_QUANTIZER_MAPPING) & set(AUTO_QUANTIZATION_CONFIG_MAPPING) | {"quantsink"})

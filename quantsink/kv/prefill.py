@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from quantsink.kv.attention import softmax_with_sinks
+from quantsink.kv.attention_ref import softmax_with_sinks
 from quantsink.kv.layer import NEVER, SinkQuantLayer
 from quantsink.kv.primitives import dequantize
 

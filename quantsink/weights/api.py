@@ -24,6 +24,7 @@ from quantsink.hf.support import check_supported
 from quantsink.weights.backend import use_backend
 from quantsink.weights.coverage import check_ignore, check_outlier_channels, check_quantizable, float_report
 from quantsink.weights.experts_quant import make_experts_quantizer
+from quantsink.weights.groups import is_ignored
 from quantsink.weights.layer import make_group_quantizer, static_groups
 from quantsink.weights.runtime import check_embeddings, prepare_model, quantize_embeddings
 from quantsink.weights.sequential import quantize_layers
@@ -255,7 +256,6 @@ def _layer_scaler(model: Any, wcfg: Any, forced: list[int], plan: dict | None) -
         quantizer_for = make_search_quantizer(wcfg, forced, _hidden_size(model))
     else:  # compressed-tensors: no outliers, no forced channels
         quantizer_for = make_search_quantizer(wcfg, [], _hidden_size(model), group_size)
-    from quantsink.weights.layer import is_ignored
 
     return make_layer_scaler(model, wcfg.scale_grid, quantizer_for, tuple(wcfg.scale_stats),
                              lambda name: is_ignored(name, wcfg.ignore))

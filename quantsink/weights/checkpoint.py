@@ -13,6 +13,7 @@ import difflib
 from typing import Any, Mapping
 
 from quantsink.errors import QuantsinkError, check
+from quantsink.hf.checkpoint import known_quant_methods
 
 KEYS = ("quant_method", "version", "recipe", "weights", "kv_cache", "sink_map", "modules")
 WHERE = "quantization_config"
@@ -20,8 +21,6 @@ WHERE = "quantization_config"
 
 def check_quant_method(qc: Any, where: str = WHERE) -> str:
     """The ``quant_method`` of ``qc``, refused unless transformers has a quantizer for it."""
-    from quantsink.hf.checkpoint import known_quant_methods
-
     check(isinstance(qc, Mapping), f"{where} must be a JSON object, got {type(qc).__name__}; allowed: "
                                    "an object with a quant_method")
     method, known = qc.get("quant_method"), known_quant_methods()

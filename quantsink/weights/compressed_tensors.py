@@ -29,6 +29,7 @@ from typing import Any, Callable
 from torch import nn
 
 from quantsink.errors import QuantsinkError, check
+from quantsink.weights.groups import is_ignored
 
 QUANTSINK = "quantsink"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -79,7 +80,6 @@ def recipe_for_format(recipe: Any, format: str, drop_outliers: bool = False,
 
 def decoder_linears(model: nn.Module, ignore: list[str]) -> list[tuple[str, nn.Linear]]:
     """``(qualified name, module)`` of every decoder ``nn.Linear`` a recipe quantizes."""
-    from quantsink.weights.layer import is_ignored
     from quantsink.weights.sequential import decoder_layers
 
     prefix, layers = decoder_layers(model)

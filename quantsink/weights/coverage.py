@@ -16,6 +16,7 @@ from torch import nn
 from quantsink.errors import QuantsinkError, check
 from quantsink.hf.arch import SUPPORTED_FAMILIES, decoder_layers
 from quantsink.hf.moe import find_experts, routers
+from quantsink.weights.groups import is_ignored
 
 QUANTIZABLE = "nn.Linear layers and transformers MoE experts modules"
 
@@ -105,8 +106,6 @@ def _packed_elements(mod: nn.Module) -> tuple[int, int]:
 def check_ignore(model: nn.Module, ignore: list[str]) -> None:
     """Refuse ``weights.ignore`` entries that name no module of ``model`` (a typo would
     otherwise quantize the layer it meant to keep)."""
-    from quantsink.weights.layer import is_ignored
-
     names = [n for n, _ in model.named_modules() if n]
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for entry in ignore:
@@ -125,7 +124,6 @@ def check_outlier_channels(model: nn.Module, plans: list[LayerPlan], requested: 
     """Refuse ``weights.outlier_channels`` above half of the input width of a quantized Linear
     or experts projection (instead of keeping fewer than the recipe asks for)."""
     from quantsink.hf.moe import expert_matrices, experts_layout
-    from quantsink.weights.layer import is_ignored
 
     prefix, layers = decoder_layers(model)
     for i, (layer, plan) in enumerate(zip(layers, plans)):

@@ -43,6 +43,7 @@ from quantsink.errors import QuantsinkError, check
 from quantsink.weights.compressed_tensors import COMPRESSED_TENSORS, quantization_config
 from quantsink.weights.pack import pack_codes, unpack_codes
 from quantsink.weights.rtn import dequantize_codes
+from quantsink.weights.shards import SHARD_BYTES, check_out_dir, checkpoint_tensors, write_shards
 
 METADATA_FILE = "quantsink.json"
 METADATA_VERSION = 1
@@ -121,8 +122,6 @@ def model_grids(model: nn.Module) -> dict[str, Grid]:
 
 def checkpoint_dict(model: nn.Module, grids: dict[str, Grid]) -> dict[str, torch.Tensor]:
     """All tensors to save: the model's own (fp16, ties once) with each grid's Linear packed."""
-    from quantsink.weights.export import checkpoint_tensors
-
     tensors = checkpoint_tensors(model)
     for name, grid in grids.items():
         for key in [k for k in tensors if k.startswith(name + ".") and k != name + ".bias"]:
@@ -168,8 +167,6 @@ def export_compressed(model: nn.Module, tokenizer: Any, out: str | Path, report:
     ``grids`` (Linear name -> :class:`Grid`) default to :func:`model_grids`; every grid is
     checked before anything is written. Refuses an existing ``out`` unless ``force``.
     """
-    from quantsink.weights.export import SHARD_BYTES, check_out_dir, write_shards
-
     out = check_out_dir(out, force)
     grids = model_grids(model) if grids is None else grids
     for name, grid in grids.items():

@@ -19,7 +19,7 @@ from torch import nn
 from quantsink.errors import QuantsinkError
 from quantsink.hf.moe import (expert_bias, expert_matrices, experts_forward, experts_layout,
                               module_gate, routing_arguments)
-from quantsink.weights.sequential import InputGroup
+from quantsink.weights.groups import InputGroup
 
 REL_TOL = 1e-4  # replay vs the module's own output, relative to the output's absmax
 

@@ -6,7 +6,7 @@ from torch import nn
 from quantsink.errors import check
 from quantsink.hf.moe import is_experts
 from quantsink.weights.experts import experts_shell
-from quantsink.weights.sequential import set_submodule
+from quantsink.weights.groups import set_submodule
 
 
 def replace_experts_shells(model: nn.Module, modules: list[str], weights: dict) -> list[str]:

@@ -23,7 +23,7 @@ from quantsink.weights.config import WeightConfig
 from quantsink.weights.experts import PackedExperts, QuantExperts
 from quantsink.weights.layer import check_group_stats, quantize_matrix
 from quantsink.weights.outliers import outlier_count
-from quantsink.weights.sequential import InputGroup, set_submodule
+from quantsink.weights.groups import InputGroup, set_submodule
 
 
 def _fallback(cfg: WeightConfig, tokens: torch.Tensor | None) -> list[int]:

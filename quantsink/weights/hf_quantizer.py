@@ -22,6 +22,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quantsink.errors import check
+from quantsink.weights.checkpoint import check_quantsink_config, missing_module
+from quantsink.weights.groups import set_submodule
 from quantsink.weights.runtime import make_shells, prepare_model
 
 METHOD = "quantsink"
@@ -33,8 +35,6 @@ class QuantsinkConfig(QuantizationConfigMixin):
     def __init__(self, version: int = 1, weights: dict | None = None, kv_cache: dict | None = None,
                  sink_map: dict | None = None, modules: list[str] | None = None,
                  recipe: str = "custom", **kwargs: Any) -> None:
-        from quantsink.weights.checkpoint import check_quantsink_config
-
         check_quantsink_config({**kwargs, "version": version, "weights": weights, "kv_cache": kv_cache,
                                 "sink_map": sink_map, "modules": modules, "recipe": recipe}, complete=False)
         self.quant_method = METHOD
@@ -58,7 +58,6 @@ class QuantsinkHfQuantizer(HfQuantizer):
         from quantsink.weights.experts_load import replace_experts_shells
         from quantsink.weights.linear import QuantLinear
         from quantsink.weights.outliers import outlier_count
-        from quantsink.weights.sequential import set_submodule
 
         w = self.quantization_config.weights or {}
         for name in self.quantization_config.modules:
@@ -88,8 +87,6 @@ class QuantsinkHfQuantizer(HfQuantizer):
 
 def _existing_module(model: nn.Module, name: str) -> nn.Module:
     """``model.<name>``, or one line naming the checkpoint module the model does not have."""
-    from quantsink.weights.checkpoint import missing_module
-
     try:
         return model.get_submodule(name)
     except AttributeError:

@@ -17,15 +17,10 @@ from torch import nn
 from quantsink.errors import QuantsinkError, check
 from quantsink.weights.config import WeightConfig
 from quantsink.weights.gptq import gptq_quantize
+from quantsink.weights.groups import InputGroup, is_ignored, set_submodule
 from quantsink.weights.linear import QuantLinear
 from quantsink.weights.outliers import channel_scores, outlier_count, select_outliers, split_columns
 from quantsink.weights.rtn import dequantize_codes, rtn_quantize
-from quantsink.weights.sequential import InputGroup, set_submodule
-
-
-def is_ignored(name: str, ignore: list[str]) -> bool:
-    """True when ``name`` equals an ``ignore`` entry or ends with ``.<entry>``."""
-    return any(name == p or name.endswith("." + p) for p in ignore)
 
 
 def outlier_indices(w: torch.Tensor, group: InputGroup, cfg: WeightConfig, forced: list[int]

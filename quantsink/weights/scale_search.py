@@ -31,7 +31,7 @@ from torch import nn
 from quantsink.errors import check
 from quantsink.hf.capture import LayerCall
 from quantsink.hf.fold import FoldSite, fold_sites
-from quantsink.weights.sequential import InputGroup
+from quantsink.weights.groups import InputGroup
 
 # w [out, in], the group with the statistics of the candidate's input -> dequantized w [out, in]
 GroupQuantizer = Callable[[torch.Tensor, InputGroup], torch.Tensor]

@@ -16,7 +16,6 @@ layer finished by an earlier run instead (it is not quantized again).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -26,18 +25,9 @@ from tqdm import tqdm
 from quantsink.errors import check
 from quantsink.hf.arch import decoder_layers
 from quantsink.hf.capture import LayerCall, layer_by_layer
-
-
-@dataclass
-class InputGroup:
-    """Linear layers (names relative to their decoder layer) that read the same input."""
-
-    names: list[str]
-    absmax: torch.Tensor  # [in] float32
-    hessian: torch.Tensor | None = None  # [in, in] float32, X^T X / tokens
-    tokens: int = 0
-    extra: dict = field(default_factory=dict)
-    mean_abs: torch.Tensor | None = None  # [in] float32, mean |x| (the AWQ scale statistic)
+from quantsink.weights.coverage import check_quantizable
+from quantsink.weights.expert_stats import ExpertsObserver
+from quantsink.weights.groups import InputGroup
 
 
 class LayerStore(Protocol):
@@ -63,8 +53,6 @@ def collect_groups(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, hess
 
     Returns ``(groups, {experts name: ExpertsObserver})``.
     """
-    from quantsink.weights.expert_stats import ExpertsObserver
-
     groups: dict[tuple, InputGroup] = {}
     alive: list[torch.Tensor] = []  # keeps inputs alive so that no address is reused in this pass
 
@@ -95,13 +83,6 @@ def collect_groups(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, hess
     return list(groups.values()), observers
 
 
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace ``root.<name>`` (a dotted path) by ``module``."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
-
-
 def _planned(groups: list[InputGroup], linears: list[str]) -> list[InputGroup]:
     """Groups restricted to the planned Linear layers (routers are left out)."""
     keep = set(linears)
@@ -125,8 +106,6 @@ def quantize_layers(model: nn.Module, windows: torch.Tensor | None, quantize_gro
     (the AWQ-style scale search of :mod:`quantsink.weights.scale_search`). ``store``: see
     :class:`LayerStore`.
     """
-    from quantsink.weights.coverage import check_quantizable
-
     prefix, layers = decoder_layers(model)
     plans = check_quantizable(model)  # refuse before any work
     check(prepare_layer is None or windows is not None,

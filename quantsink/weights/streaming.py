@@ -32,6 +32,7 @@ from torch import nn
 from quantsink.errors import check
 from quantsink.hf import lazy
 from quantsink.hf.arch import decoder_layers
+from quantsink.weights.groups import set_submodule
 from quantsink.weights.resume import WeightCheck, WorkDir, manifest_for, work_dir_for
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -103,7 +104,6 @@ def _flush_digests(reader: lazy.CheckpointReader) -> None:
 def _install_shells(layer: nn.Module, prefix: str, reports: list[dict], wcfg: Any) -> None:
     """Empty QuantLinear modules (meta) where an earlier run quantized this layer's Linears."""
     from quantsink.weights.linear import QuantLinear
-    from quantsink.weights.sequential import set_submodule
 
     for row in reports:
         check(row.get("kind") != "experts" and row["name"].startswith(prefix + "."),
@@ -117,7 +117,7 @@ def _install_shells(layer: nn.Module, prefix: str, reports: list[dict], wcfg: An
 
 
 def _export_nbytes(dtype: str, shape: list[int]) -> int:
-    """Bytes of a tensor once :func:`~quantsink.weights.export.export_tensor` stored it."""
+    """Bytes of a tensor once :func:`~quantsink.weights.shards.export_tensor` stored it."""
     t = torch.empty(0, dtype=_ST_DTYPES[dtype])
     return math.prod(shape) * (2 if t.is_floating_point() else t.element_size())
 
@@ -169,8 +169,8 @@ def _quantize_streamed(model: nn.Module, recipe: Any, windows: torch.Tensor | No
 def _write(model: nn.Module, tok: Any, out: Path, report: dict, force: bool, work: WorkDir,
            max_shard_bytes: int | None = None) -> Path:
     """The checkpoint, assembled shard by shard from the work directory and the rest."""
-    from quantsink.weights.export import (SHARD_BYTES, checkpoint_tensors, export_tensor,
-                                          write_checkpoint)
+    from quantsink.weights.export import write_checkpoint
+    from quantsink.weights.shards import SHARD_BYTES, checkpoint_tensors, export_tensor
 
     prefix, layers = decoder_layers(model)
     rest = checkpoint_tensors(model, skip=prefix + ".")
@@ -232,7 +232,7 @@ def quantize_streaming(model_dir: str | Path, recipe: Any, out: str | Path, cali
     from quantsink.models import load_tokenizer
     from quantsink.weights.api import _windows
     from quantsink.weights.compressed_tensors import recipe_for_format
-    from quantsink.weights.export import check_out_dir
+    from quantsink.weights.shards import check_out_dir
     from quantsink.weights.runtime import fixed_mmap_threshold
     from quantsink.weights.summary import build_report
 
