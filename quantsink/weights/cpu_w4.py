@@ -61,15 +61,17 @@ def layer_tensors(layers: Sequence[Any]) -> tuple[list[torch.Tensor], ...]:
 
 
 def w4_linear_cpu(x: torch.Tensor, gather: torch.Tensor, n_q: int, group_size: int,
-                  tensors: tuple[list[torch.Tensor], ...]) -> list[torch.Tensor]:
+                  tensors: tuple[list[torch.Tensor], ...], isa: str | None = None) -> list[torch.Tensor]:
     """``x: [..., in]`` through each layer of ``tensors`` (:func:`layer_tensors` of layers
-    sharing ``in``, outlier channels and group size): a list of ``[..., out_i]`` in ``x.dtype``."""
+    sharing ``in``, outlier channels and group size): a list of ``[..., out_i]`` in ``x.dtype``.
+
+    ``isa``: the ISA level to run (default: the selected one, :mod:`quantsink.kernels.cpu_ext`)."""
     from quantsink.kernels.cpu_ext import extension
 
     x2 = x.reshape(-1, x.shape[-1])
     cast = x2.dtype not in (torch.float32, torch.bfloat16)
     ys = extension().w4_linear(x2.float().contiguous() if cast else x2.contiguous(), gather, n_q,
-                               group_size, *tensors)
+                               group_size, *tensors, isa or "")
     return [(y.to(x.dtype) if cast else y).reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
