@@ -32,6 +32,7 @@ from quantsink.errors import QuantsinkError
 
 HERE = Path(__file__).parent
 LEVELS = ("avx512", "avx2", "portable")  # best first
+LANES = {"avx512": 16, "avx2": 8, "portable": 8}  # floats per vector: W of cpu_vec_<level>.h
 ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
              "avx2": ["-mavx2", "-mfma", "-mf16c"], "portable": []}
 OBJECT_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-fno-math-errno", "-fvisibility=hidden"]
@@ -190,6 +191,20 @@ def extension_or_none():
     A wrong ``QUANTSINK_CPU_ISA`` still raises: a forced level is never silently dropped."""
     _load()
     return None if _STATE["ext"] is None else extension()
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension is not available (``QUANTSINK_NO_CPU_KERNEL=1``, no compiler, the
+    compiler's first error), or None when it is built (builds it now if needed)."""
+    _load()
+    return _STATE["why"]
+
+
+def selected_level() -> str:
+    """The ISA level the entry points run by default (raises :class:`QuantsinkError` when the
+    extension is not available or ``QUANTSINK_CPU_ISA`` names a level this host cannot run)."""
+    extension()
+    return _select()[0]
 
 
 def available() -> bool:

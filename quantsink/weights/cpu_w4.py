@@ -10,7 +10,9 @@ gathers ``x`` once (:mod:`quantsink.weights.fusion`).
 
 It re-reads the weights for every input row, so it serves decode (up to
 :data:`W4_MAX_ROWS` rows); prefill goes through bf16 tiles and a GEMM. It needs the
-extension built with AVX-512, 4-bit weights and groups of a multiple of 32 channels.
+extension (any ISA level: AVX-512, AVX2 or portable C++), 4-bit weights and an even group
+size; groups of a multiple of two vectors (32 on AVX-512, 16 elsewhere) take the vector loop,
+others the scalar one (:func:`kernel_name` says which).
 """
 from __future__ import annotations
 
@@ -27,20 +29,26 @@ _EMPTY = torch.empty(0)
 def _host_problem() -> str | None:
     from quantsink.kernels import cpu_ext
 
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return f"the CPU has {torch.backends.cpu.get_cpu_capability()}, the kernel needs AVX512"
-    if not cpu_ext.available():
-        return "the C++ CPU extension is not available (QUANTSINK_NO_CPU_KERNEL=1 or no compiler)"
-    return None
+    why = cpu_ext.unavailable_reason()
+    return None if why is None else f"the C++ CPU extension is not available ({why})"
 
 
 def layer_problem(bits: int, group_size: int) -> str | None:
-    """Why a layer cannot use the kernel on this host, or None."""
+    """Why a layer cannot use the kernel on this host, or None (every ISA level takes it)."""
     if bits != 4:
         return f"{bits}-bit weights (the kernel takes 4)"
-    if group_size % 32:
-        return f"group_size {group_size} (the kernel takes multiples of 32)"
+    if group_size % 2:
+        return f"group_size {group_size} (the kernel takes even group sizes)"
     return _host_problem()
+
+
+def kernel_name(group_size: int) -> str:
+    """The path a layer of ``group_size`` takes: ``cpu-w4a32[<level>]`` (vector loop: the group
+    is a multiple of two vectors of the level) or ``cpu-w4a32[<level>,scalar]`` (the scalar loop)."""
+    from quantsink.kernels import cpu_ext
+
+    level = cpu_ext.selected_level()
+    return f"cpu-w4a32[{level}{'' if group_size % (2 * cpu_ext.LANES[level]) == 0 else ',scalar'}]"
 
 
 def gather_index(layer: Any) -> torch.Tensor:

@@ -96,7 +96,14 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel(self) -> str | None:
-        """The backend of the current plan (None before the first forward / :meth:`prepare`)."""
+        """The path of the current plan (None before the first forward / :meth:`prepare`):
+        ``cpu-w4a32[<isa level>]`` (``,scalar`` when the group size takes the scalar loop),
+        ``int4pack``, ``triton`` or ``reference``."""
+        return None if self._plan is None else self._plan.name
+
+    @property
+    def backend(self) -> str | None:
+        """The backend of the current plan (``cpu``, ``int4pack``, ``triton``, ``reference``)."""
         return None if self._plan is None else self._plan.kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
