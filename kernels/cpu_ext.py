@@ -69,8 +69,9 @@ def _build_dir() -> Path:
 def first_error(text: str) -> str:
     """The compiler's first error line (else its first line) of ``text``."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    compiler = [ln for ln in lines if "error:" in ln.lower()]  # gcc / clang: "file:line: error: ..."
     errors = [ln for ln in lines if "error" in ln.lower()]
-    return ((errors or lines or ["no output"])[0])[:300]
+    return ((compiler or errors or lines or ["no output"])[0])[:300]
 
 
 def compile_level(level: str, build: Path) -> tuple[Path | None, str | None]:
@@ -105,11 +106,11 @@ def _build():
     with ThreadPoolExecutor(len(LEVELS)) as pool:
         done = dict(zip(LEVELS, pool.map(lambda lv: compile_level(lv, build), LEVELS)))
     status = {lv: why for lv, (_, why) in done.items()}
+    if status["portable"] is not None:  # no extension: one line (logged by _load)
+        raise RuntimeError(f"the portable kernels do not compile: {status['portable']}")
     for lv, why in status.items():
         if why is not None:
             log.warning("quantsink: the %s CPU kernels are unavailable (compile failed: %s)", lv, why)
-    if status["portable"] is not None:
-        raise RuntimeError(f"the portable kernels do not compile: {status['portable']}")
     objects = [str(obj) for obj, _ in done.values() if obj is not None]
     defines = [f"-DQS_HAVE_{lv.upper()}=1" for lv in ("avx512", "avx2") if status[lv] is None]
     name = f"{build.name}_{'_'.join(lv for lv in LEVELS if status[lv] is None)}"
