@@ -48,7 +48,8 @@ inline vf vbits(const uint8_t* p, int shift, int mask) { QS_LANES(static_cast<fl
 // first `left` bytes are read: a row's last bytes are copied to a zeroed local buffer.
 inline void vnibbles(const uint8_t* p, int64_t left, vf zp, vf& lo, vf& hi) {
   uint8_t b[W] = {0};
-  memcpy(b, p, static_cast<size_t>(left >= W ? W : left));
+  if (left >= W) memcpy(b, p, W);  // a constant size: one 8-byte load
+  else memcpy(b, p, static_cast<size_t>(left));
   for (int i = 0; i < W; ++i) {
     lo.v[i] = static_cast<float>(b[i] & 15) - zp.v[i];
     hi.v[i] = static_cast<float>(b[i] >> 4) - zp.v[i];

@@ -10,13 +10,16 @@ Per level (``avx512`` / ``avx2`` / ``portable``, see :mod:`quantsink.kernels.cpu
 - ``int8_rows`` at 1 row of a 49152 x 576 int8 matrix vs ``x @ W.T`` with the fp32 weight.
 
 Times are medians of ``--repeats`` calls after warm-up; the dense column is measured in the
-same run. Prints a markdown table headed by the CPU model, its features and the command.
+same run. For an AVX2 baseline of the dense ops on an AVX-512 host, set (before torch starts)
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``; the header
+prints them and torch's CPU capability. Prints a markdown table headed by the CPU model, its features and the command.
 
     OMP_NUM_THREADS=1 python scripts/bench_cpu_isa.py [--repeats 50] [--levels avx2 portable]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -33,6 +36,7 @@ W4_SHAPES = ((576, 1536), (1536, 576), (576, 576))  # (in, out)
 GROUP, OUTLIERS = 64, 16
 CONTEXTS = (512, 2048, 8192)
 VOCAB, HIDDEN = 49152, 576
+DENSE_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "QUANTSINK_CPU_ISA")
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(f"| {lv} | {kernel} | {shape} | {ms:.3f} | {dense_ms:.3f} | {dense_ms / ms:.2f}x |")
     features = ", ".join(f for f, on in rep["features"].items() if on) or "none"
     print(f"CPU: {rep['cpu']} ({rep['machine']}); features: {features}; levels run: {', '.join(levels)}; "
-          f"torch {torch.__version__}, 1 thread, median of {a.repeats}")
+          f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), 1 thread, "
+          f"median of {a.repeats}; env: {' '.join(f'{k}={os.environ[k]}' for k in DENSE_ENV if k in os.environ) or '-'}")
     print(f"Command: `OMP_NUM_THREADS=1 python {' '.join(sys.argv)}`\n")
     print("| level | kernel | shape | ms | dense fp32 torch ms | speed-up |")
     print("|---|---|---|---:|---:|---:|")
