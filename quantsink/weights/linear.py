@@ -15,7 +15,8 @@ Buffers (all saved in the checkpoint under these names):
 
 The forward never holds a dense weight: the kernel is chosen once per device
 (:mod:`quantsink.weights.backend`: on the CPU quantsink's W4A32 kernel over these very
-buffers, or torch's int4pack kernel in bf16 on hosts without AVX-512; a Triton W4A16 kernel on
+buffers on every ISA level (AVX-512, AVX2, portable C++), or torch's int4pack kernel in bf16
+where the C++ extension is not available; a Triton W4A16 kernel on
 CUDA; else the torch reference of :mod:`quantsink.weights.qmatmul`, which dequantizes tile by
 tile on every call).
 """
