@@ -3,7 +3,8 @@
 ``cpu_decode_attention.cpp`` is part of the C++ extension of :mod:`quantsink.kernels.cpu_ext`
 (compiled once; needs a C++ compiler and ninja). It reads the packed body once per decode step
 and never materialises it in float: per key group the scales fold into the query, per value
-token into the probability. Same signature and result as
+token into the probability. It runs on the ISA level the extension selected (AVX-512, AVX2 or
+portable C++). Same signature and result as
 :func:`quantsink.kv.attention.decode_attention_ref` for one query per row (fp32 arithmetic).
 """
 from __future__ import annotations
@@ -34,10 +35,13 @@ def sink_decode_cpu(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor,
                     body_v: PackedBlock | None, win_k: torch.Tensor, win_v: torch.Tensor, scale: float,
                     key_mask: torch.Tensor | None = None, q_sink: torch.Tensor | None = None, *,
                     sink_logits: torch.Tensor | None = None, sliding_window: int | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, isa: str | None = None) -> torch.Tensor:
     """C++ version of ``decode_attention_ref`` for ``q: [B, Hq, 1, D]`` on the CPU.
 
-    The stored tensors go to the extension as they are (fp16 / bf16 / fp32, read as float).
+    The stored tensors go to the extension as they are (fp16 / bf16 / fp32, read as float);
+    key codes may have 2, 3, 4 or 8 bits, key outlier slots may be uint8 or int16. ``isa``:
+    the ISA level (``avx512`` / ``avx2`` / ``portable``; default: the selected one, see
+    :mod:`quantsink.kernels.cpu_ext`).
     """
     if q.shape[2] != 1 or q.device.type != "cpu":
         raise QuantsinkError(f"the CPU decode kernel takes one query per row on the CPU, got Lq={q.shape[2]} "
@@ -47,5 +51,5 @@ def sink_decode_cpu(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor,
     out = extension().sink_decode_cpu(
         q.detach(), q.detach() if q_sink is None else q_sink.detach(), sink_k, sink_v, *body[:8], win_k, win_v,
         mask, _EMPTY if sink_logits is None else sink_logits.detach(), *body[8:],
-        float(scale), sliding_window or 0, float(softcap or 0.0))
+        float(scale), sliding_window or 0, float(softcap or 0.0), isa or "")
     return out if q.dtype == torch.float32 else out.to(q.dtype)

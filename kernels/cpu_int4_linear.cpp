@@ -5,7 +5,8 @@
 // rounded to bf16 (round to nearest even, like Tensor.to), the padding slots are zero, the
 // int4pack kernel runs, and each output is y + xo . W_o + bias in fp32, cast to x's dtype.
 // At decode a step calls this ~4 times per layer; the Python version spends as long in its
-// dozen small ops as the kernel spends multiplying.
+// dozen small ops as the kernel spends multiplying. Portable glue: the same on every ISA level
+// (the optional `isa` argument is only checked, aten picks its own kernel).
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 

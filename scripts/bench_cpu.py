@@ -13,6 +13,12 @@ torch, transformers (+ the Llama modeling code) and quantsink.
     python scripts/bench_cpu.py --checkpoint out/ --quick    # smoke run: ctx 512/2048, batch 1, 1 thread, 8 steps
     python scripts/bench_cpu.py --checkpoint out/ --contexts 2048 --batches 1 --threads 1 2
 
+``--isa avx512|avx2|portable`` forces quantsink's CPU kernel level (``QUANTSINK_CPU_ISA``);
+with ``avx2`` torch's own dense ops are held to AVX2 too (``ATEN_CPU_CAPABILITY=avx2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``: an honest AVX2 baseline on an
+AVX-512 host). These must be set before torch starts, so the script re-executes itself with
+them. Every row records the level it ran (``isa`` column: quantsink level / torch capability).
+
 ``--checkpoint`` is an ``int4-sink`` export (``quantsink quantize --recipe int4-sink ... --out
 out/``). Each layer shape's kernel is also timed against dense ``F.linear`` (``--no-kernels``
 skips it). On a CUDA machine (``--device cuda``) the same rows run on the GPU (fp16 instead of
@@ -33,6 +39,11 @@ from pathlib import Path
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- bench_cpu:begin -->", "<!-- bench_cpu:end -->"
 VARIANTS = ("fp32", "bf16", "int4-sink", "int4-sink weights")
+ISA_ENV = {  # --isa: the environment of the whole run (set before torch is imported)
+    "avx512": {"QUANTSINK_CPU_ISA": "avx512"},
+    "avx2": {"QUANTSINK_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "portable": {"QUANTSINK_CPU_ISA": "portable"}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each layer shape's kernel against dense F.linear")
     p.add_argument("--doc", type=Path, default=DOC, help="markdown file whose CPU section is replaced")
+    p.add_argument("--isa", choices=tuple(ISA_ENV), default=None,
+                   help="force the CPU kernel level (and, for avx2, torch's dense ops to AVX2)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
@@ -111,7 +124,17 @@ def worker(spec: dict) -> dict:
     res = _decode(model, cache, prompt.to(dev), spec["warmup"], spec["steps"], spec["chunk"])
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_mb() - base
     return {**spec, **res, "load_s": load_s, "load_mb": load_mb, "peak_mb": peak,
-            "linear_ms": _linear_ms(model, spec["batch"], dev), "kernels": _kernels(model)}
+            "linear_ms": _linear_ms(model, spec["batch"], dev), "kernels": _kernels(model), "isa": _isa()}
+
+
+def _isa() -> str:
+    """The path of this row: quantsink's CPU kernel level / torch's CPU capability."""
+    import torch
+
+    from quantsink.kernels import cpu_ext
+
+    level = cpu_ext.selected_level() if cpu_ext.available() else "none"
+    return f"{level} / {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _linear_ms(model, batch: int, dev) -> float:
@@ -303,14 +326,14 @@ def _us(fn, cuda: bool) -> float:
 def table(results: list[dict]) -> list[str]:
     rows = ["| ctx | batch | threads | model (cache) | prefill s | decode tok/s | ms/step | "
             "x best unquantized | weight products ms/step | peak MB over import | x fp32 memory | "
-            "weight kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "weight kernels | isa (quantsink / torch) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         key = (r["context"], r["batch"], r["threads"])
         peers = {p["variant"]: p for p in results if (p["context"], p["batch"], p["threads"]) == key}
         cache = "SinkQuantCache" if r["variant"] == "int4-sink" else "DynamicCache"
         head = f"| {r['context']} | {r['batch']} | {r['threads']} | {r['variant']} ({cache}) |"
         if "error" in r:
-            rows.append(f"{head} {r['error']} | | | | | | | |")
+            rows.append(f"{head} {r['error']} | | | | | | | | |")
             continue
         best = max((peers[v]["tok_s"] for v in ("fp32", "bf16") if "tok_s" in peers.get(v, {})),
                    default=float("nan"))
@@ -318,7 +341,7 @@ def table(results: list[dict]) -> list[str]:
         rows.append(f"{head} {r['prefill_s']:.1f} | {r['tok_s']:.1f} | {r['ms_per_step']:.0f} | "
                     f"{r['tok_s'] / best:.2f}x | {r['linear_ms']:.1f} | {r['peak_mb']:.0f} | "
                     f"{r['peak_mb'] / fp32_mb:.2f}x | "
-                    f"{r['kernels']} |")
+                    f"{r['kernels']} | {r.get('isa', '?')} |")
     return rows
 
 
@@ -329,7 +352,9 @@ def markdown(results: list[dict], a: argparse.Namespace, cmd: str, kernels: list
     dev = torch.cuda.get_device_name(0) if a.device == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
     lines = [BEGIN, "## CPU decode: int4-sink export vs fp32 / bf16 (`scripts/bench_cpu.py`)", "",
              f"Measured {datetime.date.today().isoformat()} on {dev}; torch {torch.__version__}, "
-             f"transformers {transformers.__version__}, Python {platform.python_version()}.", "",
+             f"transformers {transformers.__version__}, Python {platform.python_version()}; "
+             f"ISA forced: {a.isa or 'no (best level)'}"
+             f"{' (' + ' '.join(f'{k}={v}' for k, v in ISA_ENV[a.isa].items()) + ')' if a.isa else ''}.", "",
              f"```bash\n{cmd}\n```", "",
              *(["**Smoke run (`--quick`)**: few contexts and steps; rerun without `--quick` on a quiet "
                 "machine for reference figures.", ""] if a.quick else []),
@@ -382,8 +407,18 @@ def write_doc(doc: Path, section: str) -> None:
     doc.write_text(text)
 
 
+def _reexec_with_isa(isa: str) -> None:
+    """Run this script again with ``ISA_ENV[isa]`` set (torch reads it at import)."""
+    want = ISA_ENV[isa]
+    if all(os.environ.get(k) == v for k, v in want.items()):
+        return
+    os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **want})
+
+
 def main() -> None:
     a = parse_args()
+    if a.isa:
+        _reexec_with_isa(a.isa)
     if a.worker:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
         return

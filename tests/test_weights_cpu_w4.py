@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_levels import LEVELS
 from quant_layers import SHAPES, make_layer
 
+from quantsink.kernels import cpu_ext
 from quantsink.weights import cpu_w4
 from quantsink.weights.backend import use_backend
 from quantsink.weights.outliers import split_columns
 from quantsink.weights.qmatmul import quant_linear_ref
 
-pytestmark = pytest.mark.skipif(cpu_w4.layer_problem(4, 32) is not None,
-                                reason=f"cpu kernel unavailable: {cpu_w4.layer_problem(4, 32)}")
+# no module-wide skip: each test runs per ISA level (cpu_levels), or needs the extension only
+needs_extension = pytest.mark.skipif(cpu_w4.layer_problem(4, 32) is not None,
+                                     reason=f"the W4A32 module path: {cpu_w4.layer_problem(4, 32)}")
 
 
 def _ref(layer, x):
@@ -26,48 +29,55 @@ def _bound(layer, x):
                                                                          layer.bias is not None else 0)) + 1e-6
 
 
-def _run(layer, x):
+def _run(layer, x, isa=None):
     n_q = layer.in_features - layer.n_outliers
     return cpu_w4.w4_linear_cpu(x, cpu_w4.gather_index(layer), n_q, layer.group_size,
-                                cpu_w4.layer_tensors([layer]))[0]
+                                cpu_w4.layer_tensors([layer]), isa=isa)[0]
 
 
 @pytest.mark.parametrize("out,inp,group,k", SHAPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-def test_matches_fp32_reference(out, inp, group, k, rows) -> None:
+@pytest.mark.parametrize("isa", LEVELS)
+def test_matches_fp32_reference(out, inp, group, k, rows, isa) -> None:
     """Every row block (4, 3, 2, 1 rows), partial last groups, odd widths, outliers, bias."""
     layer = make_layer(out, inp, group, k, bias=True, seed=rows)
     x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows)) * 3
-    got, ref = _run(layer, x), _ref(layer, x)
+    got, ref = _run(layer, x, isa), _ref(layer, x)
     assert got.shape == ref.shape and got.dtype == torch.float32
     assert ((got - ref).abs() <= _bound(layer, x)).all()
     layer.weight_zero_point.add_(1)  # the bound catches a zero point off by one code
-    assert not ((_run(layer, x) - ref).abs() <= _bound(layer, x)).all()
+    assert not ((_run(layer, x, isa) - ref).abs() <= _bound(layer, x)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_other_dtypes_and_3d_inputs(dtype) -> None:
+@pytest.mark.parametrize("isa", LEVELS)
+def test_other_dtypes_and_3d_inputs(dtype, isa) -> None:
     layer = make_layer(97, 200, 32, 3, bias=True)
     x = torch.randn(2, 3, 200).to(dtype)
-    got, ref = _run(layer, x), _ref(layer, x.float())
+    got, ref = _run(layer, x, isa), _ref(layer, x.float())
     assert got.shape == (2, 3, 97) and got.dtype == dtype
     assert ((got.float() - ref).abs() <= 2.0 ** -7 * ref.abs() + _bound(layer, x)).all()  # one output rounding
 
 
-def test_plain_loop_for_other_group_sizes() -> None:
-    """The portable C++ loop (groups not a multiple of 32; hosts without AVX-512)."""
-    layer = make_layer(40, 90, 16, 2, bias=True)
-    x = torch.randn(3, 90)
-    assert ((_run(layer, x) - _ref(layer, x)).abs() <= _bound(layer, x)).all()
-    assert cpu_w4.layer_problem(4, 16) is not None  # never chosen for such layers
+@pytest.mark.parametrize("group", [16, 48])
+@pytest.mark.parametrize("isa", LEVELS)
+def test_other_group_sizes(group, isa) -> None:
+    """Groups that are not a multiple of two vectors take the scalar loop; all take a kernel."""
+    layer = make_layer(40, 150, group, 2, bias=True)
+    x = torch.randn(3, 150)
+    assert ((_run(layer, x, isa) - _ref(layer, x)).abs() <= _bound(layer, x)).all()
+    assert cpu_w4.layer_problem(4, group) is None
+    assert cpu_w4.layer_problem(4, 15) is not None  # odd: no kernel
 
 
+@needs_extension
 def test_module_picks_it_and_prefill_takes_the_tiles() -> None:
     layer = make_layer(97, 200, 32, 3, bias=True)
     for rows in (1, cpu_w4.W4_MAX_ROWS, cpu_w4.W4_MAX_ROWS + 1):
         x = torch.randn(rows, 200)
         y = layer(x)
-        assert layer.kernel == "cpu"
+        assert layer.backend == "cpu" and layer.kernel == cpu_w4.kernel_name(32)
+        assert layer.kernel.startswith("cpu-w4a32[") and cpu_ext.selected_level() in layer.kernel
         with use_backend("reference"):
             assert torch.equal(layer(x), _ref(layer, x))
         if rows <= cpu_w4.W4_MAX_ROWS:

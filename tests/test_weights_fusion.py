@@ -47,7 +47,7 @@ def test_fused_members_are_bit_identical(rows: int, kind: str) -> None:
     for m in plain.children():
         m.prepare("cpu")
     assert fuse_siblings(fused) == 3
-    assert fused.q._plan.fused and not fused.other._plan.fused and fused.q.kernel == kind
+    assert fused.q._plan.fused and not fused.other._plan.fused and fused.q.backend == kind
     assert fused.q._plan.int4 is None  # no converted copy of its own
     x = torch.randn(2, rows, 200)
     for name in ("q", "k", "v", "other"):

@@ -45,26 +45,40 @@ def test_kernel_is_chosen_once_and_rebuilt_only_when_buffers_change() -> None:
     assert not torch.allclose(y0, y1)
 
 
-def test_eight_bit_and_other_group_sizes_use_the_reference() -> None:
+def test_eight_bit_uses_the_reference_and_every_even_group_a_kernel() -> None:
     layer8 = make_layer(33, 70, 32, 1, bits=8)
     layer16 = make_layer(33, 70, 16, 1)
+    assert layer8.prepare() == "reference" and layer8.kernel == "reference"
+    want16 = "cpu" if cpu_w4.layer_problem(4, 16) is None else "reference"
+    assert layer16.prepare() == want16
     for layer in (layer8, layer16):
-        assert layer.prepare() == "reference"
         x = torch.randn(2, 70)
         assert torch.allclose(layer(x), x @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_path_on_the_cpu_is_said_once_per_reason(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(backend, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="quantsink"):
+        for _ in range(3):
+            make_layer(33, 70, 32, 1, bits=8).prepare("cpu")
+        make_layer(33, 70, 15, 1).prepare("cpu")
+    lines = [r.getMessage() for r in caplog.records if "torch reference path" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "8-bit weights" in lines[0] and "group_size 15" in lines[1]
+    assert all("\n" not in line for line in lines)
 
 
 @pytest.mark.skipif(not HAS_INT4PACK, reason="int4pack kernel unavailable on this host")
 def test_auto_picks_the_cpu_kernel_then_int4pack(monkeypatch) -> None:
     want = "cpu" if cpu_w4.layer_problem(4, 64) is None else "int4pack"
     assert make_layer(64, 128, 64, 0).prepare("cpu") == want
-    monkeypatch.setattr(cpu_w4, "_host_problem", lambda: "no AVX512")  # an AVX2 host
+    monkeypatch.setattr(cpu_w4, "_host_problem", lambda: "no compiler")  # no extension
     assert make_layer(64, 128, 64, 0).prepare("cpu") == "int4pack"
 
 
 def test_hosts_without_fast_bf16_fall_back_to_the_reference(monkeypatch) -> None:
     monkeypatch.setattr(cpu_int4, "kernel_problem", lambda: "this CPU has no fast bf16")
-    monkeypatch.setattr(cpu_w4, "_host_problem", lambda: "no AVX512")
+    monkeypatch.setattr(cpu_w4, "_host_problem", lambda: "no compiler")
     layer = make_layer(64, 128, 64, 2)
     assert layer.prepare("cpu") == "reference"
     with pytest.raises(QuantsinkError, match="no fast bf16"):

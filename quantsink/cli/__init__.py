@@ -13,7 +13,7 @@ from typing import Sequence
 
 from quantsink.errors import QuantsinkError
 
-_SUBCOMMANDS = ("inspect", "quantize", "eval")
+_SUBCOMMANDS = ("inspect", "quantize", "eval", "env")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,7 +2,8 @@
 
 Backends (``QUANTSINK_WEIGHT_BACKEND`` or :func:`use_backend` force one; default ``auto``):
 
-- ``cpu`` (CPU, 4-bit, groups of a multiple of 32, the C++ extension built for AVX-512): up
+- ``cpu`` (CPU, 4-bit, even group sizes, the C++ extension on any ISA level: AVX-512, AVX2 or
+  portable C++; the plan's name says which, e.g. ``cpu-w4a32[avx2]``): up
   to :data:`~quantsink.weights.cpu_w4.W4_MAX_ROWS` rows per call through the W4A32 kernel of
   :mod:`quantsink.weights.cpu_w4`, which reads the stored buffers (no converted copy; float32
   reference arithmetic); more rows take the bf16 tiled path below;
@@ -14,8 +15,9 @@ Backends (``QUANTSINK_WEIGHT_BACKEND`` or :func:`use_backend` force one; default
 - ``reference`` (everything else: 8-bit weights, other devices and group sizes): the torch
   reference, dequantizing tile by tile in float32 on every call.
 
-``auto`` takes the first that applies, else ``reference``; forcing a backend that cannot run
-raises. A plan holds what the backend derived from the buffers (the converted int4pack
+``auto`` takes the first that applies, else ``reference``, and a CPU layer that ends there is
+said once per reason in the log (no compiler, the build's first error, the bit width, the group
+size): never silently slow. Forcing a backend that cannot run raises. A plan holds what the backend derived from the buffers (the converted int4pack
 tensors, the kept-channel index on the device); it is rebuilt when the device, the buffers
 (storage or in-place version) or the requested backend change, and never holds a dense weight.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -37,6 +40,8 @@ BACKENDS = ("auto", "reference", "cpu", "int4pack", "triton")
 ENV = "QUANTSINK_WEIGHT_BACKEND"
 INT4PACK_MAX_ROWS = 64  # above: tile dequant + bf16 GEMM is faster (measured on SmolLM2 shapes)
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("quantsink_weight_backend", default=None)
+_WARNED: set[str] = set()  # reasons already logged for CPU layers on the reference path
+log = logging.getLogger("quantsink")
 _KEYED = ("weight_packed", "weight_scale", "weight_zero_point", "outlier_idx", "outlier_weight")
 
 
@@ -80,6 +85,7 @@ class Plan:
     traced: Callable[[torch.Tensor], torch.Tensor]
     int4: Int4Pack | None = None
     fused: bool = False  # the plan reads a sibling group's shared call (fusion)
+    name: str = ""  # the path: kind, with the CPU ISA level for ``cpu`` (QuantLinear.kernel)
 
     def valid(self, layer: Any, device: torch.device) -> bool:
         """Same device, same requested backend, same buffer objects at the same versions."""
@@ -126,7 +132,26 @@ def choose(layer: Any, device: torch.device) -> str:
     for kind in ("cpu", "int4pack", "triton"):
         if _problem(kind, layer, device) is None:
             return kind
+    if device.type == "cpu":
+        warn_reference(_problem("cpu", layer, device) or "?")
     return "reference"
+
+
+def warn_reference(why: str) -> None:
+    """Log once per ``why`` that CPU layers take the torch reference path (dequantize per call)."""
+    if why not in _WARNED:
+        _WARNED.add(why)
+        log.warning("quantsink: QuantLinear layers on the CPU take the torch reference path "
+                    "(dequantized on every call, slow): %s", why)
+
+
+def plan_name(kind: str, layer: Any) -> str:
+    """What :attr:`QuantLinear.kernel` reports for a plan of ``kind``."""
+    if kind == "cpu":
+        from quantsink.weights.cpu_w4 import kernel_name
+
+        return kernel_name(layer.group_size)
+    return kind
 
 
 def build_plan(layer: Any, device: torch.device, kind: str | None = None) -> Plan:
@@ -158,7 +183,7 @@ def bound_plan(layer: Any, device: torch.device, kind: str, eager: Callable, tra
     """A :class:`Plan` of ``layer`` valid for its current buffers (``eager``/``traced`` given)."""
     tensors = tuple(layer._buffers[n] for n in _KEYED)
     return Plan(kind, device, _FORCED.get(), tensors, tuple(t._version for t in tensors),
-                layer._parameters.get("bias"), eager, traced, int4, fused)
+                layer._parameters.get("bias"), eager, traced, int4, fused, plan_name(kind, layer))
 
 
 def _reference(*args: Any) -> torch.Tensor:

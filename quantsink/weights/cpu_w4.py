@@ -10,7 +10,9 @@ gathers ``x`` once (:mod:`quantsink.weights.fusion`).
 
 It re-reads the weights for every input row, so it serves decode (up to
 :data:`W4_MAX_ROWS` rows); prefill goes through bf16 tiles and a GEMM. It needs the
-extension built with AVX-512, 4-bit weights and groups of a multiple of 32 channels.
+extension (any ISA level: AVX-512, AVX2 or portable C++), 4-bit weights and an even group
+size; groups of a multiple of two vectors (32 on AVX-512, 16 elsewhere) take the vector loop,
+others the scalar one (:func:`kernel_name` says which).
 """
 from __future__ import annotations
 
@@ -27,20 +29,26 @@ _EMPTY = torch.empty(0)
 def _host_problem() -> str | None:
     from quantsink.kernels import cpu_ext
 
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return f"the CPU has {torch.backends.cpu.get_cpu_capability()}, the kernel needs AVX512"
-    if not cpu_ext.available():
-        return "the C++ CPU extension is not available (QUANTSINK_NO_CPU_KERNEL=1 or no compiler)"
-    return None
+    why = cpu_ext.unavailable_reason()
+    return None if why is None else f"the C++ CPU extension is not available ({why})"
 
 
 def layer_problem(bits: int, group_size: int) -> str | None:
-    """Why a layer cannot use the kernel on this host, or None."""
+    """Why a layer cannot use the kernel on this host, or None (every ISA level takes it)."""
     if bits != 4:
         return f"{bits}-bit weights (the kernel takes 4)"
-    if group_size % 32:
-        return f"group_size {group_size} (the kernel takes multiples of 32)"
+    if group_size % 2:
+        return f"group_size {group_size} (the kernel takes even group sizes)"
     return _host_problem()
+
+
+def kernel_name(group_size: int) -> str:
+    """The path a layer of ``group_size`` takes: ``cpu-w4a32[<level>]`` (vector loop: the group
+    is a multiple of two vectors of the level) or ``cpu-w4a32[<level>,scalar]`` (the scalar loop)."""
+    from quantsink.kernels import cpu_ext
+
+    level = cpu_ext.selected_level()
+    return f"cpu-w4a32[{level}{'' if group_size % (2 * cpu_ext.LANES[level]) == 0 else ',scalar'}]"
 
 
 def gather_index(layer: Any) -> torch.Tensor:
@@ -61,15 +69,17 @@ def layer_tensors(layers: Sequence[Any]) -> tuple[list[torch.Tensor], ...]:
 
 
 def w4_linear_cpu(x: torch.Tensor, gather: torch.Tensor, n_q: int, group_size: int,
-                  tensors: tuple[list[torch.Tensor], ...]) -> list[torch.Tensor]:
+                  tensors: tuple[list[torch.Tensor], ...], isa: str | None = None) -> list[torch.Tensor]:
     """``x: [..., in]`` through each layer of ``tensors`` (:func:`layer_tensors` of layers
-    sharing ``in``, outlier channels and group size): a list of ``[..., out_i]`` in ``x.dtype``."""
+    sharing ``in``, outlier channels and group size): a list of ``[..., out_i]`` in ``x.dtype``.
+
+    ``isa``: the ISA level to run (default: the selected one, :mod:`quantsink.kernels.cpu_ext`)."""
     from quantsink.kernels.cpu_ext import extension
 
     x2 = x.reshape(-1, x.shape[-1])
     cast = x2.dtype not in (torch.float32, torch.bfloat16)
     ys = extension().w4_linear(x2.float().contiguous() if cast else x2.contiguous(), gather, n_q,
-                               group_size, *tensors)
+                               group_size, *tensors, isa or "")
     return [(y.to(x.dtype) if cast else y).reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 

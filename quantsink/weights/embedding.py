@@ -57,15 +57,23 @@ class _Rows(nn.Module):
         if w.device.type == "cpu" and w.shape[-1] % 16 == 0 and not aligned(w):
             self.weight_int8 = w.clone()  # the allocator aligns to 64 bytes
 
+    @property
+    def kernel(self) -> str:
+        """The path of a decode row on the CPU (:func:`~quantsink.weights.rows_ops.rows_kernel`)."""
+        from quantsink.weights.rows_ops import rows_kernel
+
+        return rows_kernel(self._bf16_host)
+
     def dequantize(self) -> torch.Tensor:
         """The effective weight ``[V, H]`` in float32."""
         return self.weight_int8.float() * self.weight_scale.float()[:, None]
 
     def rows_linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [..., H] -> [..., V]`` in ``x.dtype``."""
-        from quantsink.weights.rows_ops import INT8_MAX_ROWS, int8_rows_linear
+        from quantsink.weights.rows_ops import INT8_MAX_ROWS, int8_rows_linear, rows_kernel
 
-        if 4 <= x.numel() // x.shape[-1] <= INT8_MAX_ROWS and not torch.compiler.is_compiling():
+        if 4 <= x.numel() // x.shape[-1] <= INT8_MAX_ROWS and not torch.compiler.is_compiling() \
+                and x.device.type == "cpu" and rows_kernel(self._bf16_host) == "int8pack[bf16]":
             self.aligned_rows()
         return int8_rows_linear(x, self.weight_int8, self.weight_scale, self._bf16_host)
 

@@ -15,7 +15,8 @@ Buffers (all saved in the checkpoint under these names):
 
 The forward never holds a dense weight: the kernel is chosen once per device
 (:mod:`quantsink.weights.backend`: on the CPU quantsink's W4A32 kernel over these very
-buffers, or torch's int4pack kernel in bf16 on hosts without AVX-512; a Triton W4A16 kernel on
+buffers on every ISA level (AVX-512, AVX2, portable C++), or torch's int4pack kernel in bf16
+where the C++ extension is not available; a Triton W4A16 kernel on
 CUDA; else the torch reference of :mod:`quantsink.weights.qmatmul`, which dequantizes tile by
 tile on every call).
 """
@@ -96,7 +97,14 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel(self) -> str | None:
-        """The backend of the current plan (None before the first forward / :meth:`prepare`)."""
+        """The path of the current plan (None before the first forward / :meth:`prepare`):
+        ``cpu-w4a32[<isa level>]`` (``,scalar`` when the group size takes the scalar loop),
+        ``int4pack``, ``triton`` or ``reference``."""
+        return None if self._plan is None else self._plan.name
+
+    @property
+    def backend(self) -> str | None:
+        """The backend of the current plan (``cpu``, ``int4pack``, ``triton``, ``reference``)."""
         return None if self._plan is None else self._plan.kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
