@@ -87,3 +87,18 @@ def test_module_picks_it_and_prefill_takes_the_tiles() -> None:
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 200)
     assert ((compiled(x) - _ref(layer, x)).abs() <= _bound(layer, x)).all()
+
+
+@needs_extension
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_prefill_tiles_are_float32_without_fast_bf16(monkeypatch, fast_bf16) -> None:
+    """A host without bf16 hardware (AVX2-only) computes the many-rows tiles in float32: within
+    the fp32 bound of the reference; a bf16 host's tiles are not."""
+    from quantsink.weights import backend
+
+    monkeypatch.setattr(backend, "kernel_problem", lambda: None if fast_bf16 else "no fast bf16")
+    layer = make_layer(97, 200, 32, 3, bias=True, seed=4)
+    x = torch.randn(cpu_w4.W4_MAX_ROWS + 7, 200, generator=torch.Generator().manual_seed(5))
+    assert backend.tile_dtype() == (torch.bfloat16 if fast_bf16 else torch.float32)
+    within = bool(((layer(x) - _ref(layer, x)).abs() <= _bound(layer, x) * 64).all())
+    assert within != fast_bf16

@@ -6,7 +6,8 @@ Backends (``QUANTSINK_WEIGHT_BACKEND`` or :func:`use_backend` force one; default
   portable C++; the plan's name says which, e.g. ``cpu-w4a32[avx2]``): up
   to :data:`~quantsink.weights.cpu_w4.W4_MAX_ROWS` rows per call through the W4A32 kernel of
   :mod:`quantsink.weights.cpu_w4`, which reads the stored buffers (no converted copy; float32
-  reference arithmetic); more rows take the bf16 tiled path below;
+  reference arithmetic); more rows dequantize tile by tile to bf16 (a host with fast bf16) or
+  float32 (any other) for one GEMM per tile;
 - ``int4pack`` (CPU, 4-bit, groups of 32..256, a host with fast bf16): up to
   :data:`INT4PACK_MAX_ROWS` rows per call through torch's int4pack kernel
   (:mod:`quantsink.weights.cpu_int4`, bf16 activations); more rows (prefill) dequantize tile
@@ -23,47 +24,22 @@ tensors, the kept-channel index on the device); it is rebuilt when the device, t
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import logging
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from quantsink.errors import check
-from quantsink.weights.cpu_int4 import Int4Pack, convert, layer_problem
+from quantsink.weights.cpu_int4 import Int4Pack, convert, kernel_problem, layer_problem
+from quantsink.weights.selection import (BACKENDS, ENV, forced_backend,  # noqa: F401  (public here)
+                                         requested_backend, use_backend)
 
-BACKENDS = ("auto", "reference", "cpu", "int4pack", "triton")
-ENV = "QUANTSINK_WEIGHT_BACKEND"
 INT4PACK_MAX_ROWS = 64  # above: tile dequant + bf16 GEMM is faster (measured on SmolLM2 shapes)
-_FORCED: contextvars.ContextVar = contextvars.ContextVar("quantsink_weight_backend", default=None)
 _WARNED: set[str] = set()  # reasons already logged for CPU layers on the reference path
 log = logging.getLogger("quantsink")
 _KEYED = ("weight_packed", "weight_scale", "weight_zero_point", "outlier_idx", "outlier_weight")
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed forwards with backend ``name`` (see the module docstring)."""
-    check(name in BACKENDS, f"weight backend {name!r} is not supported; allowed: {list(BACKENDS)}")
-    token = _FORCED.set(name)
-    try:
-        yield
-    finally:
-        _FORCED.reset(token)
-
-
-def requested_backend() -> str:
-    """The backend asked for by :func:`use_backend`, else ``$QUANTSINK_WEIGHT_BACKEND``, else auto.
-
-    The environment is read when a plan is built; :func:`use_backend` is seen on every call.
-    """
-    name = _FORCED.get() or os.environ.get(ENV) or "auto"
-    check(name in BACKENDS, f"{ENV}={name!r} is not supported; allowed: {list(BACKENDS)}")
-    return name
 
 
 @dataclass
@@ -90,7 +66,7 @@ class Plan:
     def valid(self, layer: Any, device: torch.device) -> bool:
         """Same device, same requested backend, same buffer objects at the same versions."""
         b, (p, s, z, i, o), (vp, vs, vz, vi, vo) = layer._buffers, self.tensors, self.versions
-        return (device == self.device and _FORCED.get() == self.forced
+        return (device == self.device and forced_backend() == self.forced
                 and b["weight_packed"] is p and b["weight_scale"] is s
                 and b["weight_zero_point"] is z and b["outlier_idx"] is i
                 and b["outlier_weight"] is o and layer._parameters.get("bias") is self.bias
@@ -182,7 +158,7 @@ def bound_plan(layer: Any, device: torch.device, kind: str, eager: Callable, tra
                int4: Int4Pack | None = None, fused: bool = False) -> Plan:
     """A :class:`Plan` of ``layer`` valid for its current buffers (``eager``/``traced`` given)."""
     tensors = tuple(layer._buffers[n] for n in _KEYED)
-    return Plan(kind, device, _FORCED.get(), tensors, tuple(t._version for t in tensors),
+    return Plan(kind, device, forced_backend(), tensors, tuple(t._version for t in tensors),
                 layer._parameters.get("bias"), eager, traced, int4, fused, plan_name(kind, layer))
 
 
@@ -220,23 +196,30 @@ def _int4_calls(p: Int4Pack, args: tuple, out_features: int) -> tuple[Callable, 
     return eager, traced
 
 
+def tile_dtype() -> torch.dtype:
+    """The compute dtype of the many-rows (prefill) tiled GEMM on CPU: bf16 where the host has
+    fast bf16, else float32 (a bf16 GEMM without bf16 hardware is several times slower)."""
+    return torch.bfloat16 if kernel_problem() is None else torch.float32
+
+
 def _w4_calls(layer: Any, args: tuple) -> tuple[Callable, Callable]:
-    """(eager, traced) callables of a cpu (W4A32) plan; many rows take the bf16 tiled path."""
+    """(eager, traced) callables of a cpu (W4A32) plan; many rows take the tiled path."""
     from quantsink.weights import cpu_w4
     from quantsink.weights.qmatmul import quant_linear_ref
 
     gather, n_q, g = cpu_w4.gather_index(layer), args[3].numel(), layer.group_size
     tensors = cpu_w4.layer_tensors([layer])
     w4_op, ref_op = torch.ops.quantsink.w4_linear, torch.ops.quantsink.quant_linear
+    tile = tile_dtype()  # probed now, not inside a compiled graph
 
     def eager(x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= cpu_w4.W4_MAX_ROWS * x.shape[-1]:
             return cpu_w4.w4_linear_cpu(x, gather, n_q, g, tensors)[0]
-        return quant_linear_ref(x, *args, torch.bfloat16)
+        return quant_linear_ref(x, *args, tile)
 
     def traced(x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= cpu_w4.W4_MAX_ROWS * x.shape[-1]:
             return w4_op(x, args[0], args[1], args[2], gather, args[5], args[6], n_q, g)
-        return ref_op(x, *args, torch.bfloat16)
+        return ref_op(x, *args, tile)
 
     return eager, traced

@@ -24,6 +24,8 @@ import logging
 
 import torch
 
+from quantsink.weights.selection import requested_backend
+
 INT8_MAX_ROWS = 8  # above: the tiled bf16 GEMM is faster (49,152 x 576, one thread)
 TILE_ROWS = 4096  # vocabulary rows per dequantized tile
 _WARNED: set[str] = set()
@@ -112,8 +114,6 @@ def int8_rows_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: t
     if torch.compiler.is_compiling():
         dt = torch.bfloat16 if bf16 else None
         return torch.ops.quantsink.int8_rows_linear(x, weight_int8, weight_scale, dt)
-    from quantsink.weights.backend import requested_backend
-
     if requested_backend() == "reference":
         return int8_rows_ref(x, weight_int8, weight_scale)
     dt = torch.bfloat16 if bf16 else None
