@@ -14,8 +14,8 @@ denominator, attention-logit softcapping (Gemma 2) is applied.
 
 Decode steps go through :func:`quantsink.kv.attention.decode_path` (Triton on CUDA, the C++
 kernel on the CPU, else the torch reference; each layer's ``kernel`` names the path of its
-last step, with the reason when the reference ran instead of a kernel); chunks of several tokens (prefill, teacher-forced evaluation,
-chunked streaming) through :func:`quantsink.kv.prefill.chunk_attention_ref`, which
+last step, with the reason when the reference ran instead of a kernel); chunks of several
+tokens (prefill, teacher-forced evaluation, chunked streaming) through :func:`quantsink.kv.prefill.chunk_attention_ref`, which
 reproduces token-by-token decoding exactly. No fp16 copy of the body is kept.
 
 Correct by construction: every ``update`` of a layer must be read by quantsink's attention
